@@ -1,0 +1,618 @@
+package credproxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
+)
+
+// Client defaults, used for the zero values of [ClientOptions].
+const (
+	DefaultRequestTimeout = 30 * time.Second
+	DefaultIdleTimeout    = 5 * time.Minute
+)
+
+// ClientOptions configures a [Client]. The zero value gives the defaults.
+type ClientOptions struct {
+	// RequestTimeout bounds each call, on top of the caller's context.
+	// Zero means 30s.
+	RequestTimeout time.Duration
+
+	// IdleTimeout is how long a connection with no call pending stays
+	// open; the next call after it reconnects and handshakes again. Zero
+	// means 5 minutes; a negative value keeps the connection open.
+	IdleTimeout time.Duration
+
+	// Reconnect lets a call after a lost connection connect again. By
+	// default it fails with [ErrConnectionLost]: a socket that reappears at
+	// the same path could belong to someone else, so the safe reaction to
+	// a vanished host is to restart the session.
+	Reconnect bool
+
+	// dial replaces the Unix socket dialer in tests.
+	dial func(ctx context.Context) (net.Conn, error)
+}
+
+// Client talks to a credproxy server. It connects on first use and
+// performs the handshake; after that, calls from any number of goroutines
+// share the one connection, each request matched to its response by id.
+// A Client is safe for concurrent use. It implements [Store], so code that
+// reads credentials can take a Store and run unchanged on the host or in a
+// sandbox; the writes the protocol does not carry fail with [ErrHostOnly].
+//
+// Errors the server reports are [*RemoteError] values, which match the
+// package's sentinel errors: errors.Is(err, ErrNotFound) works as it does
+// with a local Store. If the connection breaks, every pending call fails at
+// once with [ErrConnectionLost] and nothing is retried.
+type Client struct {
+	path string
+	opts ClientOptions
+	dial func(ctx context.Context) (net.Conn, error)
+
+	connecting sync.Mutex // serialises dial and handshake
+
+	mu     sync.Mutex
+	cc     *clientConn // current connection, or nil
+	lost   bool        // a connection broke and Reconnect is off
+	closed bool
+	nextID uint64
+	wg     sync.WaitGroup // reader goroutines
+}
+
+var _ Store = (*Client)(nil)
+
+// clientConn is one connection of a Client. Its fields other than nc and
+// wmu are guarded by Client.mu.
+type clientConn struct {
+	nc      net.Conn
+	wmu     sync.Mutex
+	pending map[string]chan<- callResult
+	closing bool // closed on purpose: idle or Client.Close
+
+	// The idle timer closes the connection once it has had no call pending
+	// for IdleTimeout. Arming it records idleGen in armedGen; registering a
+	// call bumps idleGen, which disarms it without a timer operation.
+	idle     *time.Timer
+	idleAt   time.Time
+	idleGen  uint64
+	armedGen uint64
+}
+
+type callResult struct {
+	resp response
+	err  error
+}
+
+// NewClient returns a client for the socket at path. It does not connect
+// until the first call.
+func NewClient(path string, opts ClientOptions) *Client {
+	setDefault(&opts.RequestTimeout, DefaultRequestTimeout)
+	setDefault(&opts.IdleTimeout, DefaultIdleTimeout)
+	c := &Client{path: path, opts: opts, dial: opts.dial}
+	if c.dial == nil {
+		c.dial = func(ctx context.Context) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}
+	}
+	return c
+}
+
+// NewClientFromEnv returns a client for the socket named by the
+// environment variable [SocketEnv], and an error if it is not set.
+func NewClientFromEnv(opts ClientOptions) (*Client, error) {
+	path := os.Getenv(SocketEnv)
+	if path == "" {
+		return nil, errorf("%s is not set; run inside a sandbox started with a credential proxy", SocketEnv)
+	}
+	return NewClient(path, opts), nil
+}
+
+// Dial returns a client for the socket at path, connected and past the
+// handshake, so that a missing or incompatible server is reported now.
+func Dial(ctx context.Context, path string, opts ClientOptions) (*Client, error) {
+	c := NewClient(path, opts)
+	ctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
+	defer cancel()
+	if _, err := c.connect(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Close closes the connection. Pending calls fail with an error matching
+// net.ErrClosed, as do calls made afterwards. Close waits for the
+// client's goroutines to exit, and may be called more than once.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	cc := c.cc
+	c.cc = nil
+	var pending map[string]chan<- callResult
+	if cc != nil {
+		pending = c.closeConnLocked(cc)
+	}
+	c.mu.Unlock()
+	for _, ch := range pending {
+		ch <- callResult{err: errClientClosed}
+	}
+	c.wg.Wait()
+	return nil
+}
+
+// closeConnLocked closes cc on purpose and returns its pending calls.
+func (c *Client) closeConnLocked(cc *clientConn) map[string]chan<- callResult {
+	cc.closing = true
+	if cc.idle != nil {
+		cc.idle.Stop()
+	}
+	cc.nc.Close()
+	pending := cc.pending
+	cc.pending = nil
+	return pending
+}
+
+type closedError struct{}
+
+func (closedError) Error() string { return "credproxy: client is closed" }
+func (closedError) Unwrap() error { return net.ErrClosed }
+
+var errClientClosed error = closedError{}
+
+// RemoteError is a failure the server reported. Its Is method matches the
+// sentinel error of its code (CodeNotFound matches [ErrNotFound], and so
+// on), and errors.As recovers it to tell a remote error from a transport
+// one.
+type RemoteError struct {
+	Op      Op
+	Code    Code
+	Message string // the server's fixed text; act on Code, not on this
+
+	// RetryAfter is set for CodeRateLimited.
+	RetryAfter time.Duration
+}
+
+func (e *RemoteError) Error() string {
+	return "credproxy: " + string(e.Op) + ": " + e.Message + " (" + string(e.Code) + ")"
+}
+
+// Is reports whether target is the sentinel error for e.Code.
+func (e *RemoteError) Is(target error) bool {
+	s := e.Code.sentinel()
+	return s != nil && s == target
+}
+
+// connect returns the current connection, dialling and handshaking if
+// there is none.
+func (c *Client) connect(ctx context.Context) (*clientConn, error) {
+	c.connecting.Lock()
+	defer c.connecting.Unlock()
+	c.mu.Lock()
+	cc, err := c.currentLocked()
+	c.mu.Unlock()
+	if cc != nil || err != nil {
+		return cc, err
+	}
+
+	nc, err := c.dial(ctx)
+	if err != nil {
+		return nil, errorf("connect to the credential proxy at %s: %w", c.path, err)
+	}
+	if err := handshake(ctx, nc); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	cc = &clientConn{nc: nc, pending: make(map[string]chan<- callResult)}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		nc.Close()
+		return nil, errClientClosed
+	}
+	c.cc = cc
+	c.lost = false
+	c.armIdleLocked(cc)
+	c.wg.Go(func() { c.readLoop(cc) })
+	return cc, nil
+}
+
+func (c *Client) currentLocked() (*clientConn, error) {
+	switch {
+	case c.closed:
+		return nil, errClientClosed
+	case c.cc != nil:
+		return c.cc, nil
+	case c.lost:
+		return nil, ErrConnectionLost
+	}
+	return nil, nil
+}
+
+// handshake sends the version 1 handshake and checks the reply (R6).
+func handshake(ctx context.Context, nc net.Conn) error {
+	if dl, ok := ctx.Deadline(); ok {
+		nc.SetDeadline(dl)
+		defer nc.SetDeadline(time.Time{})
+	}
+	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(aLongTimeAgo) })
+	defer stop()
+	if err := writeFrame(nc, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`)); err != nil {
+		return errorf("handshake: %w", contextOr(ctx, err))
+	}
+	frame, err := readFrame(nc, nil)
+	if err != nil {
+		return errorf("handshake: %w", contextOr(ctx, err))
+	}
+	var reply struct {
+		OK   bool `json:"ok"`
+		Code Code `json:"code"`
+		Data struct {
+			Version int `json:"version"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal(frame, &reply); err != nil {
+		return errorf("handshake: malformed reply: %w", ErrInternal)
+	}
+	if !reply.OK || reply.Data.Version != ProtocolVersion {
+		if reply.Code == "" || reply.Code == CodeUnknownVersion {
+			return errorf("handshake: server does not speak protocol version %d: %w", ProtocolVersion, ErrUnknownVersion)
+		}
+		return &RemoteError{Op: opHandshake, Code: reply.Code, Message: "handshake refused"}
+	}
+	return nil
+}
+
+// contextOr returns ctx's error if ctx has ended, since a deadline or
+// cancellation is the real cause of an I/O error then, and err otherwise.
+func contextOr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+// armIdleLocked starts the idle timer of cc, which has no call pending.
+func (c *Client) armIdleLocked(cc *clientConn) {
+	if c.opts.IdleTimeout < 0 {
+		return
+	}
+	cc.idleGen++
+	cc.armedGen = cc.idleGen
+	cc.idleAt = time.Now()
+	if cc.idle != nil {
+		cc.idle.Reset(c.opts.IdleTimeout)
+		return
+	}
+	cc.idle = time.AfterFunc(c.opts.IdleTimeout, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		// A firing that raced with a later arming finds the connection
+		// idle for less than IdleTimeout; the reset timer fires again.
+		if c.cc == cc && len(cc.pending) == 0 && cc.armedGen == cc.idleGen &&
+			time.Since(cc.idleAt) >= c.opts.IdleTimeout {
+			c.cc = nil
+			c.closeConnLocked(cc)
+		}
+	})
+}
+
+// readLoop delivers responses to their calls until the connection ends.
+func (c *Client) readLoop(cc *clientConn) {
+	// Any failure ends the connection: a read error, a frame that does not
+	// parse, or a response with id "unknown" (the server could not read one
+	// of our frames, so some call would never be answered).
+	var buf []byte
+	for {
+		frame, err := readFrame(cc.nc, buf)
+		if err != nil {
+			break
+		}
+		resp, err := decodeResponse(frame)
+		if err != nil {
+			break
+		}
+		id, ok := responseID(resp.ID)
+		if !ok {
+			break
+		}
+		c.mu.Lock()
+		ch := cc.pending[id]
+		delete(cc.pending, id)
+		if ch != nil && len(cc.pending) == 0 {
+			c.armIdleLocked(cc)
+		}
+		c.mu.Unlock()
+		if ch != nil {
+			ch <- callResult{resp: resp}
+		}
+		if cap(frame) <= 4096 {
+			buf = frame[:0]
+		}
+	}
+
+	c.mu.Lock()
+	if c.cc == cc {
+		c.cc = nil
+	}
+	closing := cc.closing
+	if !closing && !c.opts.Reconnect {
+		c.lost = true
+	}
+	pending := cc.pending
+	cc.pending = nil
+	if cc.idle != nil {
+		cc.idle.Stop()
+	}
+	c.mu.Unlock()
+	cc.nc.Close()
+	for _, ch := range pending {
+		ch <- callResult{err: ErrConnectionLost}
+	}
+}
+
+func responseID(raw jsontext.Value) (string, bool) {
+	if raw.Kind() != '"' {
+		return "", false
+	}
+	id, err := jsontext.AppendUnquote(nil, raw)
+	if err != nil || string(id) == unknownID {
+		return "", false
+	}
+	return string(id), true
+}
+
+// call sends one request and waits for its response. It returns the data
+// object of a success, or the error.
+func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Value, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
+	defer cancel()
+
+	ch := make(chan callResult, 1)
+	cc, id, err := c.register(ctx, ch)
+	if err != nil {
+		return nil, err
+	}
+	frame := startFrame(make([]byte, 0, 64+len(id)+len(op)+len(payload)))
+	frame = append(frame, `{"v":1,"id":"`...)
+	frame = append(frame, id...)
+	frame = append(frame, `","op":"`...)
+	frame = append(frame, op...)
+	frame = append(frame, `","payload":`...)
+	frame = append(frame, payload...)
+	frame = append(frame, '}')
+	if err := c.write(ctx, cc, frame); err != nil {
+		return nil, err
+	}
+
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, r.err
+		}
+		if !r.resp.OK {
+			return nil, &RemoteError{
+				Op:         op,
+				Code:       r.resp.Code,
+				Message:    r.resp.Error,
+				RetryAfter: time.Duration(r.resp.RetryAfter * float64(time.Second)),
+			}
+		}
+		if r.resp.Data.Kind() != '{' {
+			return nil, errorf("%s: response has no data object: %w", op, ErrInternal)
+		}
+		return r.resp.Data, nil
+	case <-ctx.Done():
+		c.mu.Lock()
+		if cc.pending != nil {
+			delete(cc.pending, id)
+			if len(cc.pending) == 0 && c.cc == cc {
+				c.armIdleLocked(cc)
+			}
+		}
+		c.mu.Unlock()
+		return nil, errorf("%s: %w", op, ctx.Err())
+	}
+}
+
+// register connects if needed and records a pending call on the current
+// connection, in one step, so an idle close cannot come between them.
+func (c *Client) register(ctx context.Context, ch chan<- callResult) (*clientConn, string, error) {
+	for {
+		c.mu.Lock()
+		cc, err := c.currentLocked()
+		if err != nil {
+			c.mu.Unlock()
+			return nil, "", err
+		}
+		if cc != nil {
+			c.nextID++
+			id := strconv.FormatUint(c.nextID, 10)
+			cc.pending[id] = ch
+			cc.idleGen++ // disarms the idle timer
+			c.mu.Unlock()
+			return cc, id, nil
+		}
+		c.mu.Unlock()
+		if _, err := c.connect(ctx); err != nil {
+			return nil, "", err
+		}
+	}
+}
+
+// write sends a request frame whole. A write that fails or is cut off by
+// its deadline leaves the stream in an unknown state, so the connection is
+// closed: its pending calls fail with ErrConnectionLost.
+func (c *Client) write(ctx context.Context, cc *clientConn, frame []byte) error {
+	frame, err := sealFrame(frame)
+	if err != nil {
+		return err
+	}
+	cc.wmu.Lock()
+	defer cc.wmu.Unlock()
+	dl, _ := ctx.Deadline()
+	cc.nc.SetWriteDeadline(dl)
+	if _, err := cc.nc.Write(frame); err != nil {
+		cc.nc.Close()
+		if ctx.Err() != nil {
+			return errorf("write request: %w", ctx.Err())
+		}
+		return ErrConnectionLost
+	}
+	return nil
+}
+
+// Request payloads. Names are quoted as JSON strings; the server validates
+// them.
+
+func tokenPayload(provider, bucket string) []byte {
+	p := append([]byte(`{"provider":`), quote(provider)...)
+	if bucket != "" {
+		p = append(append(p, `,"bucket":`...), quote(bucket)...)
+	}
+	return append(p, '}')
+}
+
+func quote(s string) []byte {
+	q, _ := jsontext.AppendQuote(nil, s)
+	return q
+}
+
+// GetToken returns the token of provider and bucket ("" for the default
+// bucket), without its refresh token. An absent token is an error matching
+// [ErrNotFound].
+func (c *Client) GetToken(ctx context.Context, provider, bucket string) (Token, error) {
+	data, err := c.call(ctx, OpGetToken, tokenPayload(provider, bucket))
+	if err != nil {
+		return Token{}, err
+	}
+	tok, err := ParseToken(data)
+	if err != nil {
+		return Token{}, errorf("get_token: malformed token from server: %w", ErrInternal)
+	}
+	return tok.WithoutRefreshToken(), nil
+}
+
+// SaveToken asks the host to merge token into the stored token of provider
+// and bucket. Its refresh token, if any, is not sent: the host keeps its
+// own.
+func (c *Client) SaveToken(ctx context.Context, provider, bucket string, token Token) error {
+	p := tokenPayload(provider, bucket)
+	p = append(p[:len(p)-1], `,"token":`...)
+	p = token.WithoutRefreshToken().appendJSON(p, false)
+	_, err := c.call(ctx, OpSaveToken, append(p, '}'))
+	return err
+}
+
+// RemoveToken asks the host to delete the token of provider and bucket. It
+// succeeds if the token was already absent.
+func (c *Client) RemoveToken(ctx context.Context, provider, bucket string) error {
+	_, err := c.call(ctx, OpRemoveToken, tokenPayload(provider, bucket))
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	return err
+}
+
+// ListProviders returns the providers with tokens that this client may
+// use, sorted.
+func (c *Client) ListProviders(ctx context.Context) ([]string, error) {
+	return c.listNames(ctx, OpListProviders, []byte("{}"), "providers")
+}
+
+// ListBuckets returns the buckets of provider that this client may use,
+// sorted.
+func (c *Client) ListBuckets(ctx context.Context, provider string) ([]string, error) {
+	return c.listNames(ctx, OpListBuckets, tokenPayload(provider, ""), "buckets")
+}
+
+// ListAPIKeys returns the names of the API keys this client may use,
+// sorted.
+func (c *Client) ListAPIKeys(ctx context.Context) ([]string, error) {
+	return c.listNames(ctx, OpListAPIKeys, []byte("{}"), "keys")
+}
+
+func (c *Client) listNames(ctx context.Context, op Op, payload []byte, member string) ([]string, error) {
+	data, err := c.call(ctx, op, payload)
+	if err != nil {
+		return nil, err
+	}
+	var lists map[string][]string
+	if err := json.Unmarshal(data, &lists); err != nil {
+		return nil, errorf("%s: malformed list from server: %w", op, ErrInternal)
+	}
+	names := lists[member]
+	if names == nil {
+		names = []string{}
+	}
+	return names, nil
+}
+
+// BucketStats is the usage record of a bucket. Version 1 servers report no
+// usage: the counts are zero.
+type BucketStats struct {
+	Bucket       string  `json:"bucket"`
+	RequestCount int64   `json:"requestCount"`
+	Percentage   float64 `json:"percentage"`
+}
+
+// GetBucketStats returns the usage record of provider's bucket. An absent
+// token is an error matching [ErrNotFound].
+func (c *Client) GetBucketStats(ctx context.Context, provider, bucket string) (BucketStats, error) {
+	data, err := c.call(ctx, OpGetBucketStats, tokenPayload(provider, bucket))
+	if err != nil {
+		return BucketStats{}, err
+	}
+	var st BucketStats
+	if err := json.Unmarshal(data, &st); err != nil {
+		return BucketStats{}, errorf("get_bucket_stats: malformed stats from server: %w", ErrInternal)
+	}
+	return st, nil
+}
+
+// GetAPIKey returns the API key called name. An absent key is an error
+// matching [ErrNotFound].
+func (c *Client) GetAPIKey(ctx context.Context, name string) (Secret, error) {
+	data, err := c.call(ctx, OpGetAPIKey, keyPayload(name))
+	if err != nil {
+		return "", err
+	}
+	var v struct {
+		Key string `json:"key"`
+	}
+	if err := json.Unmarshal(data, &v); err != nil {
+		return "", errorf("get_api_key: malformed key from server: %w", ErrInternal)
+	}
+	return Secret(v.Key), nil
+}
+
+// HasAPIKey reports whether an API key called name exists.
+func (c *Client) HasAPIKey(ctx context.Context, name string) (bool, error) {
+	data, err := c.call(ctx, OpHasAPIKey, keyPayload(name))
+	if err != nil {
+		return false, err
+	}
+	var v struct {
+		Exists bool `json:"exists"`
+	}
+	if err := json.Unmarshal(data, &v); err != nil {
+		return false, errorf("has_api_key: malformed answer from server: %w", ErrInternal)
+	}
+	return v.Exists, nil
+}
+
+func keyPayload(name string) []byte {
+	return append(append([]byte(`{"name":`), quote(name)...), '}')
+}
+
+// SaveAPIKey fails with [ErrHostOnly]: API keys are managed on the host.
+func (c *Client) SaveAPIKey(context.Context, string, Secret) error { return ErrHostOnly }
+
+// RemoveAPIKey fails with [ErrHostOnly]: API keys are managed on the host.
+func (c *Client) RemoveAPIKey(context.Context, string) error { return ErrHostOnly }

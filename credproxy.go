@@ -1,0 +1,416 @@
+// Package credproxy lets a host program hand credentials to a sandboxed
+// process without handing over its refresh tokens.
+//
+// The host keeps OAuth tokens and API keys in a [Store], runs a [Server] on a
+// Unix domain socket, bind-mounts the socket into the sandbox and passes its
+// path in the environment variable named by [SocketEnv]. The sandboxed process
+// uses a [Client] to read access tokens and API keys. Refresh tokens never
+// cross the socket: the server strips them from every token it sends and
+// ignores those it receives.
+//
+// To start, call [NewServer] with a store, [Listen] for a private socket and
+// [Server.Serve] it; inside the sandbox call [NewClientFromEnv]. The examples
+// (ExampleNewServer, examples/quickstart) are the quickest way in.
+//
+// The wire protocol (framed JSON, version 1) is described in PROTOCOL.md and
+// is compatible with the TypeScript implementation in the llxprt-code project.
+//
+// # Security
+//
+// Each request passes these checks, in order, before any store is touched:
+// the peer's uid (read from the kernel when the connection is accepted), the
+// protocol handshake, a per-connection rate limit, the request schema (exact
+// member names, no duplicate members, valid names), and the [Policy].
+// Error messages sent to the peer are fixed texts; store errors and payload
+// values never cross the socket. Secret-carrying types ([Token], [Secret])
+// print and log as a redaction marker.
+//
+// The defence rests on the socket: a private 0700 directory, a 0600 socket
+// with an unguessable name, and the peer-uid check on Linux and macOS. On
+// other platforms the peer cannot be identified and the file modes are the
+// only gate. A VM bridge (Docker Desktop, Podman machine on macOS) makes every
+// peer look like the bridge process, so the uid check there only proves that
+// the bridge runs as the host user. A process running as the host's own uid
+// outside the sandbox can always read the host's credentials by other means;
+// credproxy does not defend against it.
+package credproxy
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"strconv"
+	"time"
+
+	"github.com/go-json-experiment/json/jsontext"
+)
+
+// SocketEnv is the environment variable that carries the socket path into
+// the sandbox. [NewClientFromEnv] reads it.
+const SocketEnv = "LLXPRT_CREDENTIAL_SOCKET"
+
+// DefaultBucket is the bucket used when a request names none.
+const DefaultBucket = "default"
+
+// Errors reported by the server, the client and the stores. Errors that
+// cross the socket arrive at the client as a [*RemoteError] whose Is method
+// matches the sentinel for its code, so errors.Is(err, ErrNotFound) works the
+// same in process and over the wire.
+var (
+	// ErrServerClosed is returned by [Server.Serve] after [Server.Shutdown]
+	// or [Server.Close].
+	ErrServerClosed = errors.New("credproxy: server closed")
+
+	// ErrNotFound means the token or API key does not exist (code NOT_FOUND).
+	// Stores return it, or an error wrapping it, for absent items.
+	ErrNotFound = errors.New("credproxy: not found")
+
+	// ErrInvalidRequest means the request broke the protocol or its schema
+	// (code INVALID_REQUEST): malformed JSON, an unknown operation or member,
+	// or an invalid name.
+	ErrInvalidRequest = errors.New("credproxy: invalid request")
+
+	// ErrDenied means the [Policy] refused the request (code UNAUTHORIZED).
+	ErrDenied = errors.New("credproxy: not allowed")
+
+	// ErrRateLimited means the connection sent more requests than its rate
+	// limit allows (code RATE_LIMITED). [RemoteError.RetryAfter] says when
+	// to try again.
+	ErrRateLimited = errors.New("credproxy: rate limited")
+
+	// ErrInternal means the server could not complete the request, for
+	// example because its store failed or timed out (code INTERNAL_ERROR).
+	// The cause is logged on the host only.
+	ErrInternal = errors.New("credproxy: internal error")
+
+	// ErrUnknownVersion means client and server share no protocol version
+	// (code UNKNOWN_VERSION).
+	ErrUnknownVersion = errors.New("credproxy: unsupported protocol version")
+
+	// ErrResourceExhausted means the connection already had the maximum
+	// number of requests in flight (code RESOURCE_EXHAUSTED).
+	ErrResourceExhausted = errors.New("credproxy: too many requests in flight")
+
+	// ErrRefreshNotAvailable means the stored token has no refresh token
+	// (code REFRESH_NOT_AVAILABLE).
+	ErrRefreshNotAvailable = errors.New("credproxy: refresh not available")
+
+	// ErrReauthRequired means the provider rejected the refresh token; the
+	// user must log in again on the host (code REAUTH_REQUIRED).
+	ErrReauthRequired = errors.New("credproxy: re-authentication required")
+
+	// ErrProviderNotFound means the host cannot refresh tokens of that
+	// provider (code PROVIDER_NOT_FOUND).
+	ErrProviderNotFound = errors.New("credproxy: provider not found")
+
+	// ErrConnectionLost is returned by a [Client] for every call that was
+	// pending when its connection broke, and for later calls unless
+	// [ClientOptions.Reconnect] is set. Nothing is retried.
+	ErrConnectionLost = errors.New("credproxy: credential proxy connection lost; restart the session")
+
+	// ErrHostOnly is returned by a [Client] for API key writes, which the
+	// protocol does not carry.
+	ErrHostOnly = errors.New("credproxy: API key management is not available in sandbox mode; manage keys on the host")
+
+	// ErrFrameTooLarge means a frame's declared or actual length exceeds
+	// [MaxFrameSize].
+	ErrFrameTooLarge = errors.New("credproxy: frame too large")
+)
+
+// Secret is a credential value, such as an API key or an access token. It
+// prints and logs as a redaction marker with every fmt verb and with slog;
+// convert it with string(s) where the value itself is needed.
+type Secret string
+
+// Peer identifies the process at the other end of a connection, as the
+// kernel reported it when the connection was accepted. The zero Peer is an
+// unknown peer: a platform that cannot tell who connected yields it, and a
+// [Policy] should treat it with suspicion. Peer is a small value type, safe
+// to copy and compare.
+type Peer struct {
+	uid, gid uint32
+	pid      int32
+	hasIDs   bool
+}
+
+// UID returns the peer's effective user id, and false if it is unknown.
+func (p Peer) UID() (uid int, ok bool) { return int(p.uid), p.hasIDs }
+
+// GID returns the peer's effective group id, and false if it is unknown.
+func (p Peer) GID() (gid int, ok bool) { return int(p.gid), p.hasIDs }
+
+// PID returns the peer's process id, and false if it is unknown. On macOS
+// and Linux it is the pid of the process that connected, which a
+// user-namespace sandbox or a VM bridge may show as another process.
+func (p Peer) PID() (pid int, ok bool) { return int(p.pid), p.pid > 0 }
+
+// String returns "uid=U gid=G pid=P", or "unknown" for an unknown peer.
+func (p Peer) String() string {
+	if !p.hasIDs {
+		return "unknown"
+	}
+	s := "uid=" + strconv.FormatUint(uint64(p.uid), 10) + " gid=" + strconv.FormatUint(uint64(p.gid), 10)
+	if p.pid > 0 {
+		s += " pid=" + strconv.Itoa(int(p.pid))
+	}
+	return s
+}
+
+// LogValue logs the peer as a group of uid, gid and pid.
+func (p Peer) LogValue() slog.Value {
+	if !p.hasIDs {
+		return slog.StringValue("unknown")
+	}
+	attrs := []slog.Attr{slog.Uint64("uid", uint64(p.uid)), slog.Uint64("gid", uint64(p.gid))}
+	if p.pid > 0 {
+		attrs = append(attrs, slog.Int("pid", int(p.pid)))
+	}
+	return slog.GroupValue(attrs...)
+}
+
+// Token is an OAuth token as the host stores it: a JSON object with a
+// string access_token and any other members. The members the library reads
+// are refresh_token (string), expiry (number, Unix seconds), token_type and
+// scope; every other member, such as account_id or id_token, is kept exactly
+// as it arrived (numbers are never rounded through float64), and a member is
+// present in the output if and only if it was present in the input.
+//
+// A Token is immutable: its methods return new tokens and never change the
+// receiver, so it is safe to share between goroutines and stores need not
+// copy it. The zero Token has no members and no access token. It formats
+// and logs as a redaction marker (see [Token.String]); [Token.MarshalJSON]
+// gives the full token, refresh token included, for storage.
+type Token struct {
+	members []member
+}
+
+type member struct {
+	name  string
+	value jsontext.Value // compact, valid JSON
+}
+
+// Names of the token members the library interprets.
+const (
+	fieldAccessToken  = "access_token"
+	fieldRefreshToken = "refresh_token"
+	fieldExpiry       = "expiry"
+)
+
+// ParseToken parses a token from its JSON object form. The object must have
+// a non-empty string access_token; refresh_token, when present, must be a
+// string or null (null is dropped, as absent); expiry, when present, must be
+// a number or null. Duplicate member names and invalid UTF-8 are rejected.
+// Error messages name the member at fault, never a value.
+func ParseToken(data []byte) (Token, error) {
+	dec := jsontext.NewDecoder(bytes.NewReader(data))
+	t, err := readToken(dec)
+	if err != nil {
+		return Token{}, err
+	}
+	if _, err := dec.ReadToken(); err != io.EOF {
+		return Token{}, tokenError("trailing data after the token object")
+	}
+	return t, nil
+}
+
+// readToken reads one token object from dec and checks it.
+func readToken(dec *jsontext.Decoder) (Token, error) {
+	if dec.PeekKind() != '{' {
+		return Token{}, tokenError("must be a JSON object")
+	}
+	if _, err := dec.ReadToken(); err != nil {
+		return Token{}, jsonTokenError(err)
+	}
+	var t Token
+	for dec.PeekKind() != '}' {
+		name, err := dec.ReadToken()
+		if err != nil {
+			return Token{}, jsonTokenError(err)
+		}
+		n := name.String() // before the next read voids name
+		value, err := dec.ReadValue()
+		if err != nil {
+			return Token{}, jsonTokenError(err)
+		}
+		value = value.Clone()
+		if err := value.Compact(); err != nil {
+			return Token{}, jsonTokenError(err)
+		}
+		switch n {
+		case fieldAccessToken:
+			if value.Kind() != '"' || len(value) <= 2 {
+				return Token{}, tokenError("access_token must be a non-empty string")
+			}
+		case fieldRefreshToken:
+			if value.Kind() == 'n' {
+				continue
+			}
+			if value.Kind() != '"' {
+				return Token{}, tokenError("refresh_token must be a string")
+			}
+		case fieldExpiry:
+			if k := value.Kind(); k != '0' && k != 'n' {
+				return Token{}, tokenError("expiry must be a number")
+			}
+		}
+		t.members = append(t.members, member{name: n, value: value})
+	}
+	if _, err := dec.ReadToken(); err != nil {
+		return Token{}, jsonTokenError(err)
+	}
+	if _, ok := t.lookup(fieldAccessToken); !ok {
+		return Token{}, tokenError("access_token is required")
+	}
+	return t, nil
+}
+
+// TokenError reports why a token was rejected. Its message names the
+// member at fault and never contains a value.
+type TokenError struct {
+	reason string
+}
+
+func (e *TokenError) Error() string { return "credproxy: invalid token: " + e.reason }
+
+// Is reports whether target is [ErrInvalidRequest]: a token the server
+// rejects is an invalid request.
+func (e *TokenError) Is(target error) bool { return target == ErrInvalidRequest }
+
+func tokenError(reason string) error { return &TokenError{reason: reason} }
+
+// jsonTokenError turns a parser error into a TokenError without the
+// parser's text, which can quote bytes of the input.
+func jsonTokenError(err error) error {
+	if errors.Is(err, jsontext.ErrDuplicateName) {
+		return tokenError("duplicate member name")
+	}
+	return tokenError("malformed JSON")
+}
+
+// UnmarshalJSON parses data as [ParseToken] does.
+func (t *Token) UnmarshalJSON(data []byte) error {
+	parsed, err := ParseToken(data)
+	if err != nil {
+		return err
+	}
+	*t = parsed
+	return nil
+}
+
+// MarshalJSON returns the whole token as a JSON object, refresh token
+// included; it is meant for stores. The zero Token marshals as {}.
+func (t Token) MarshalJSON() ([]byte, error) {
+	return t.appendJSON(nil, true), nil
+}
+
+// appendJSON appends the token object to dst, with or without its refresh
+// token. Member names were valid UTF-8 when parsed, so quoting cannot fail.
+func (t Token) appendJSON(dst []byte, withRefreshToken bool) []byte {
+	dst = append(dst, '{')
+	first := true
+	for _, m := range t.members {
+		if m.name == fieldRefreshToken && !withRefreshToken {
+			continue
+		}
+		if !first {
+			dst = append(dst, ',')
+		}
+		first = false
+		dst, _ = jsontext.AppendQuote(dst, m.name)
+		dst = append(dst, ':')
+		dst = append(dst, m.value...)
+	}
+	return append(dst, '}')
+}
+
+func (t Token) lookup(name string) (jsontext.Value, bool) {
+	for _, m := range t.members {
+		if m.name == name {
+			return m.value, true
+		}
+	}
+	return nil, false
+}
+
+func (t Token) stringField(name string) string {
+	v, ok := t.lookup(name)
+	if !ok || v.Kind() != '"' {
+		return ""
+	}
+	s, err := jsontext.AppendUnquote(nil, v)
+	if err != nil {
+		return ""
+	}
+	return string(s)
+}
+
+// IsZero reports whether t has no members.
+func (t Token) IsZero() bool { return len(t.members) == 0 }
+
+// AccessToken returns the access token.
+func (t Token) AccessToken() Secret { return Secret(t.stringField(fieldAccessToken)) }
+
+// RefreshToken returns the refresh token, or "" if there is none. Tokens a
+// [Client] receives never have one.
+func (t Token) RefreshToken() Secret { return Secret(t.stringField(fieldRefreshToken)) }
+
+// TokenType returns the token_type member, or "" if it is absent or not a
+// string.
+func (t Token) TokenType() string { return t.stringField("token_type") }
+
+// Expiry returns the expiry member as a time, and false if it is absent,
+// null or out of range.
+func (t Token) Expiry() (time.Time, bool) {
+	v, ok := t.lookup(fieldExpiry)
+	if !ok || v.Kind() != '0' {
+		return time.Time{}, false
+	}
+	secs, err := strconv.ParseFloat(string(v), 64)
+	if err != nil || math.IsInf(secs, 0) || math.Abs(secs) > 1<<62/1e9 {
+		return time.Time{}, false
+	}
+	whole, frac := math.Modf(secs)
+	return time.Unix(int64(whole), int64(frac*1e9)), true
+}
+
+// Field returns a copy of the raw JSON value of the named member, and false
+// if it is absent. Use it for provider-specific members.
+func (t Token) Field(name string) (jsontext.Value, bool) {
+	v, ok := t.lookup(name)
+	return v.Clone(), ok
+}
+
+// Names returns the names of the token's members in the order they arrived.
+func (t Token) Names() []string {
+	names := make([]string, len(t.members))
+	for i, m := range t.members {
+		names[i] = m.name
+	}
+	return names
+}
+
+// Equal reports whether t and u have the same members with the same JSON
+// values, compared byte for byte in their compact form, in any order. Values
+// are compared in constant time, so the time taken does not reveal how much
+// of a secret matched.
+func (t Token) Equal(u Token) bool {
+	if len(t.members) != len(u.members) {
+		return false
+	}
+	equal := true
+	for _, m := range t.members {
+		v, ok := u.lookup(m.name)
+		equal = ok && subtle.ConstantTimeCompare(v, m.value) == 1 && equal
+	}
+	return equal
+}
+
+// errorf builds an error with the package prefix. Use it only with values
+// that are safe to show: never a token, key or payload.
+func errorf(format string, args ...any) error {
+	return fmt.Errorf("credproxy: "+format, args...)
+}

@@ -1,0 +1,136 @@
+// Command memserver serves credentials from memory over the credproxy
+// protocol, for integration tests of clients in any language and as a
+// benchmark target.
+//
+//	memserver -tokens creds.json -allow-provider anthropic -rate 0
+//
+// The tokens file holds {"tokens":{PROVIDER:{BUCKET:TOKEN}},"keys":{NAME:VALUE}}.
+// When the server listens it prints one line, LLXPRT_CREDENTIAL_SOCKET=<path>,
+// on stdout; logs go to stderr. SIGINT or SIGTERM shuts it down gracefully,
+// removes the socket and exits 0.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/credproxy/credproxy"
+	"github.com/go-json-experiment/json"
+)
+
+// names is a repeatable string flag.
+type names []string
+
+func (n *names) String() string     { return strings.Join(*n, ",") }
+func (n *names) Set(v string) error { *n = append(*n, v); return nil }
+
+// credentialsFile is the format of -tokens.
+type credentialsFile struct {
+	Tokens map[string]map[string]credproxy.Token `json:"tokens"`
+	Keys   map[string]string                     `json:"keys"`
+}
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "memserver:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		tokensFile = flag.String("tokens", "", "JSON `file` of tokens and API keys to serve")
+		rate       = flag.Float64("rate", 60, "requests per second per connection; 0 disables the limit (benchmarks only)")
+		socketDir  = flag.String("socket-dir", "", "`directory` for the socket (default: the per-user directory in the temp dir)")
+		verbose    = flag.Bool("v", false, "log every request (the audit log) on stderr")
+		allow      credproxy.AllowList
+	)
+	flag.Var((*names)(&allow.Providers), "allow-provider", "allow this `provider` (repeatable; none: all)")
+	flag.Var((*names)(&allow.Buckets), "allow-bucket", "allow this `bucket` (repeatable; none: all)")
+	flag.Var((*names)(&allow.Keys), "allow-key", "allow this API key `name` (repeatable; none: all)")
+	flag.Parse()
+	if flag.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q; see -help", flag.Args())
+	}
+
+	store := credproxy.NewMemoryStore()
+	if *tokensFile != "" {
+		if err := load(store, *tokensFile); err != nil {
+			return err
+		}
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	opts := credproxy.Options{
+		Store:     store,
+		Policy:    &allow,
+		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+		RateLimit: *rate,
+	}
+	if *rate == 0 {
+		opts.RateLimit = -1
+	}
+	srv, err := credproxy.NewServer(opts)
+	if err != nil {
+		return err
+	}
+	ln, err := credproxy.Listen(*socketDir)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%s=%s\n", credproxy.SocketEnv, ln.Addr())
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	select {
+	case err := <-served:
+		return err
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return err
+	}
+	if err := <-served; !errors.Is(err, credproxy.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func load(store *credproxy.MemoryStore, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var f credentialsFile
+	if err := json.Unmarshal(data, &f, json.RejectUnknownMembers(true)); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	ctx := context.Background()
+	for provider, buckets := range f.Tokens {
+		for bucket, tok := range buckets {
+			if err := store.SaveToken(ctx, provider, bucket, tok); err != nil {
+				return fmt.Errorf("%s: token %s/%s: %w", path, provider, bucket, err)
+			}
+		}
+	}
+	for name, key := range f.Keys {
+		if err := store.SaveAPIKey(ctx, name, credproxy.Secret(key)); err != nil {
+			return fmt.Errorf("%s: key %s: %w", path, name, err)
+		}
+	}
+	return nil
+}

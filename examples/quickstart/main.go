@@ -1,0 +1,100 @@
+// Command quickstart shows credproxy end to end in one process: a host
+// serves a token (with a refresh token) and an API key from a MemoryStore
+// on a private Unix socket, and a client reads them as a sandboxed process
+// would. The refresh token stays on the host.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"os"
+	"time"
+
+	"github.com/credproxy/credproxy"
+)
+
+// Obviously fake credentials.
+const demoToken = `{
+	"access_token": "demo-access-token-0000",
+	"refresh_token": "demo-refresh-token-NEVER-LEAVES-THE-HOST",
+	"expiry": 4102444800,
+	"token_type": "Bearer",
+	"account_id": "acct-demo-42"
+}`
+
+func main() {
+	if err := run(); err != nil {
+		log.Fatal("quickstart: ", err)
+	}
+}
+
+func run() error {
+	ctx := context.Background()
+
+	// Host side: a store, a server, a private socket.
+	store := credproxy.NewMemoryStore()
+	tok, err := credproxy.ParseToken([]byte(demoToken))
+	if err != nil {
+		return err
+	}
+	if err := store.SaveToken(ctx, "anthropic", "", tok); err != nil {
+		return err
+	}
+	if err := store.SaveAPIKey(ctx, "openai", "sk-demo-not-a-real-key"); err != nil {
+		return err
+	}
+	srv, err := credproxy.NewServer(credproxy.Options{Store: store})
+	if err != nil {
+		return err
+	}
+	ln, err := credproxy.Listen("")
+	if err != nil {
+		return err
+	}
+	path := ln.Addr().String()
+	go srv.Serve(ln)
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("host:    serving on %s (mode %v)\n", path, fi.Mode())
+	fmt.Printf("host:    a launcher would now start the sandbox with %s=%s\n", credproxy.SocketEnv, path)
+
+	// Sandbox side: a client on the socket.
+	client := credproxy.NewClient(path, credproxy.ClientOptions{})
+	defer client.Close()
+	got, err := client.GetToken(ctx, "anthropic", "")
+	if err != nil {
+		return err
+	}
+	wire, err := got.MarshalJSON()
+	if err != nil {
+		return err
+	}
+	fmt.Printf("sandbox: get_token anthropic -> %s\n", wire)
+	key, err := client.GetAPIKey(ctx, "openai")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("sandbox: get_api_key openai  -> %s\n", string(key))
+
+	stored, err := store.GetToken(ctx, "anthropic", "")
+	if err != nil {
+		return err
+	}
+	if got.RefreshToken() != "" || stored.RefreshToken() == "" {
+		return fmt.Errorf("refresh token handling is broken")
+	}
+	fmt.Println("result:  the refresh token did not cross the socket: the sandbox's token has no refresh_token; the host's store still has it")
+
+	shutdownCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return err
+	}
+	if _, err := os.Stat(path); os.IsNotExist(err) {
+		fmt.Println("host:    shut down; socket removed")
+	}
+	return nil
+}

@@ -1,0 +1,42 @@
+package credproxy
+
+import (
+	"net"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxSocketPathLen is the longest usable socket path: sun_path is 108 bytes
+// on Linux, terminating NUL included.
+const maxSocketPathLen = 107
+
+// peerCreds reads the credentials the kernel recorded for the process that
+// connected c (SO_PEERCRED): its uid, gid and pid at connect time.
+func peerCreds(c *net.UnixConn) (Peer, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return Peer{}, errorf("peer credentials: %w", err)
+	}
+	var cred *unix.Ucred
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return Peer{}, errorf("peer credentials: %w", err)
+	}
+	if serr != nil {
+		return Peer{}, errorf("getsockopt SO_PEERCRED: %w", serr)
+	}
+	return Peer{uid: cred.Uid, gid: cred.Gid, pid: cred.Pid, hasIDs: true}, nil
+}
+
+// fileOwner returns the uid that owns the file fi describes.
+func fileOwner(fi os.FileInfo) (uid int, ok bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return int(st.Uid), true
+}

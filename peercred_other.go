@@ -1,0 +1,24 @@
+//go:build !linux && !darwin
+
+package credproxy
+
+import (
+	"errors"
+	"net"
+	"os"
+	"runtime"
+)
+
+// maxSocketPathLen is the longest usable socket path: sun_path is 108
+// bytes on Windows and most other systems, terminating NUL included.
+const maxSocketPathLen = 107
+
+// peerCreds cannot identify the peer on this platform. The server logs a
+// warning once and serves the connection as an unknown [Peer]; the socket's
+// file mode and its unguessable name are the defence (R4.3).
+func peerCreds(*net.UnixConn) (Peer, error) {
+	return Peer{}, errorf("peer credentials on %s: %w", runtime.GOOS, errors.ErrUnsupported)
+}
+
+// fileOwner cannot tell a file's owner on this platform.
+func fileOwner(os.FileInfo) (uid int, ok bool) { return 0, false }

@@ -1,0 +1,516 @@
+package credproxy
+
+// The wire protocol, version 1 (PROTOCOL.md has the full text):
+//
+//	frame    = length payload
+//	length   = 4 bytes, unsigned big-endian, 1 ≤ length ≤ MaxFrameSize
+//	payload  = length bytes of UTF-8 JSON holding one object
+//
+//	handshake  {"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}
+//	reply      {"v":1,"op":"handshake","ok":true,"data":{"version":1}}
+//	request    {"v":1,"id":"<id>","op":"<op>","payload":{...}}
+//	success    {"id":"<id>","ok":true,"data":{...}}
+//	failure    {"id":"<id>","ok":false,"code":"<CODE>","error":"<text>"[,"retryAfter":<s>]}
+//
+// Every function here is pure, over byte slices, io.Reader and io.Writer, so
+// the decoders can be fuzzed without a socket.
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"reflect"
+	"strconv"
+	"strings"
+
+	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
+	"github.com/go-playground/validator/v10"
+)
+
+// ProtocolVersion is the protocol version this package speaks.
+const ProtocolVersion = 1
+
+// MaxFrameSize is the largest frame payload, in bytes, that either side
+// sends or accepts (R5.2).
+const MaxFrameSize = 65536
+
+const frameHeaderLen = 4
+
+// maxIDLen bounds a request id, so that an error response echoing it always
+// fits in a frame. Clients use UUIDs (36 bytes) or counters.
+const maxIDLen = 256
+
+// Op is the name of a protocol operation.
+type Op string
+
+// The operations of protocol version 1.
+const (
+	OpGetToken       Op = "get_token"
+	OpSaveToken      Op = "save_token"
+	OpRemoveToken    Op = "remove_token"
+	OpListProviders  Op = "list_providers"
+	OpListBuckets    Op = "list_buckets"
+	OpGetBucketStats Op = "get_bucket_stats"
+	OpGetAPIKey      Op = "get_api_key"
+	OpListAPIKeys    Op = "list_api_keys"
+	OpHasAPIKey      Op = "has_api_key"
+	OpRefreshToken   Op = "refresh_token"
+)
+
+const opHandshake = "handshake"
+
+// Code is an error code carried by a failure response.
+type Code string
+
+// The error codes of protocol version 1. Each maps to the sentinel error of
+// the same meaning (see [RemoteError.Is]).
+const (
+	CodeNotFound            Code = "NOT_FOUND"
+	CodeInvalidRequest      Code = "INVALID_REQUEST"
+	CodeUnauthorized        Code = "UNAUTHORIZED"
+	CodeRateLimited         Code = "RATE_LIMITED"
+	CodeInternalError       Code = "INTERNAL_ERROR"
+	CodeUnknownVersion      Code = "UNKNOWN_VERSION"
+	CodeResourceExhausted   Code = "RESOURCE_EXHAUSTED"
+	CodeRefreshNotAvailable Code = "REFRESH_NOT_AVAILABLE"
+	CodeReauthRequired      Code = "REAUTH_REQUIRED"
+	CodeProviderNotFound    Code = "PROVIDER_NOT_FOUND"
+)
+
+// sentinel returns the package error for c, or nil for an unknown code.
+func (c Code) sentinel() error {
+	switch c {
+	case CodeNotFound:
+		return ErrNotFound
+	case CodeInvalidRequest:
+		return ErrInvalidRequest
+	case CodeUnauthorized:
+		return ErrDenied
+	case CodeRateLimited:
+		return ErrRateLimited
+	case CodeInternalError:
+		return ErrInternal
+	case CodeUnknownVersion:
+		return ErrUnknownVersion
+	case CodeResourceExhausted:
+		return ErrResourceExhausted
+	case CodeRefreshNotAvailable:
+		return ErrRefreshNotAvailable
+	case CodeReauthRequired:
+		return ErrReauthRequired
+	case CodeProviderNotFound:
+		return ErrProviderNotFound
+	}
+	return nil
+}
+
+// errEmptyFrame is returned by readFrame for a zero-length header.
+var errEmptyFrame = errors.New("credproxy: empty frame")
+
+// readFrame reads one frame from r into buf, which it grows as needed, and
+// returns the payload. The declared length is checked against MaxFrameSize
+// before anything is allocated, so a reader never holds more than the
+// declared, allowed length (R5.2). A header over the limit yields an error
+// wrapping ErrFrameTooLarge; a zero header yields errEmptyFrame. A stream
+// that ends inside a frame yields io.ErrUnexpectedEOF, and one that ends
+// between frames io.EOF.
+func readFrame(r io.Reader, buf []byte) ([]byte, error) {
+	if cap(buf) < frameHeaderLen {
+		buf = make([]byte, 0, 512)
+	}
+	header := buf[:frameHeaderLen]
+	if _, err := io.ReadFull(r, header); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(header)
+	switch {
+	case n == 0:
+		return nil, errEmptyFrame
+	case n > MaxFrameSize:
+		return nil, errorf("frame of %d bytes exceeds the %d-byte limit: %w", n, MaxFrameSize, ErrFrameTooLarge)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	payload := buf[:n]
+	if _, err := io.ReadFull(r, payload); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return payload, nil
+}
+
+// startFrame appends room for a frame header to dst; the frame's JSON is
+// appended after it and sealFrame fills the header in.
+func startFrame(dst []byte) []byte { return append(dst, 0, 0, 0, 0) }
+
+// sealFrame fills in the header of a frame begun with startFrame. It
+// refuses a payload over MaxFrameSize.
+func sealFrame(frame []byte) ([]byte, error) {
+	n := len(frame) - frameHeaderLen
+	if n > MaxFrameSize {
+		return nil, errorf("frame of %d bytes exceeds the %d-byte limit: %w", n, MaxFrameSize, ErrFrameTooLarge)
+	}
+	binary.BigEndian.PutUint32(frame, uint32(n))
+	return frame, nil
+}
+
+// writeFrame writes payload as one frame with a single Write call.
+func writeFrame(w io.Writer, payload []byte) error {
+	frame, err := sealFrame(append(startFrame(make([]byte, 0, frameHeaderLen+len(payload))), payload...))
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(frame)
+	return err
+}
+
+// protoError is a failure to answer with a code and a fixed, safe message.
+type protoError struct {
+	code Code
+	msg  string
+}
+
+func (e *protoError) Error() string { return string(e.code) + ": " + e.msg }
+
+func invalid(msg string) *protoError { return &protoError{code: CodeInvalidRequest, msg: msg} }
+
+// unknownID is echoed when a request's id cannot be read.
+const unknownID = "unknown"
+
+// envelope is the top level of every frame. Member names match exactly and
+// unknown members are ignored (R6.4); the json package rejects duplicate
+// names at any depth and invalid UTF-8.
+type envelope struct {
+	V       jsontext.Value `json:"v"`
+	ID      jsontext.Value `json:"id"`
+	Op      jsontext.Value `json:"op"`
+	Payload jsontext.Value `json:"payload"`
+}
+
+// request is a decoded envelope.
+type request struct {
+	id      string         // "" when the id is missing or invalid
+	op      string         // "" when missing or not a string
+	opOK    bool           // op was a string
+	version jsontext.Value // top-level v, raw; nil when absent
+	payload jsontext.Value // raw object; nil when absent or null
+	// payloadErr is set when payload is present but not an object or null.
+	payloadErr bool
+}
+
+// decodeRequest parses a frame into a request. Only malformed JSON fails
+// here; a bad id, op or payload is recorded for the caller to answer in the
+// order the protocol sets.
+func decodeRequest(frame []byte) (request, *protoError) {
+	var env envelope
+	if err := json.Unmarshal(frame, &env); err != nil {
+		return request{}, jsonError(err, "request")
+	}
+	req := request{version: env.V}
+	req.id = decodeID(env.ID)
+	if env.Op.Kind() == '"' {
+		if op, err := jsontext.AppendUnquote(nil, env.Op); err == nil {
+			req.op, req.opOK = string(op), true
+		}
+	}
+	switch env.Payload.Kind() {
+	case 0, 'n':
+	case '{':
+		req.payload = env.Payload
+	default:
+		req.payloadErr = true
+	}
+	return req, nil
+}
+
+// decodeID returns the request id as it is echoed: a non-empty string as
+// itself, an integer as its decimal text, anything else as "".
+func decodeID(raw jsontext.Value) string {
+	switch raw.Kind() {
+	case '"':
+		id, err := jsontext.AppendUnquote(nil, raw)
+		if err != nil || len(id) > maxIDLen {
+			return ""
+		}
+		return string(id)
+	case '0':
+		if !isInteger(raw) || len(raw) > maxIDLen {
+			return ""
+		}
+		return string(raw)
+	}
+	return ""
+}
+
+// isInteger reports whether a JSON number has no fraction and no exponent.
+func isInteger(num jsontext.Value) bool {
+	return len(num) > 0 && !strings.ContainsAny(string(num), ".eE")
+}
+
+// jsonError turns a json package error into a fixed message. The package's
+// own text is never used: it can quote input bytes.
+func jsonError(err error, what string) *protoError {
+	var serr *json.SemanticError
+	switch {
+	case errors.Is(err, jsontext.ErrDuplicateName):
+		return invalid("duplicate member name in " + what)
+	case errors.As(err, &serr) && serr.JSONPointer == "" && serr.Err == nil:
+		return invalid(what + " must be a JSON object")
+	}
+	return invalid("malformed JSON in " + what)
+}
+
+// handshakeArgs are the members of a handshake payload version 1 reads.
+type handshakeArgs struct {
+	MinVersion jsontext.Value `json:"minVersion"`
+	MaxVersion jsontext.Value `json:"maxVersion"`
+}
+
+// negotiate returns the version a handshake agrees on, or false (R6.1). If
+// the payload has both minVersion and maxVersion as integers, version 1 is
+// chosen when min ≤ max, max ≥ 1 and min ≤ 1. If it has neither (or there
+// is no payload object), the top-level v must be the integer 1. Anything
+// else is incompatible. Other payload members are ignored.
+func negotiate(req request) (int, bool) {
+	var args handshakeArgs
+	if req.payload != nil {
+		// The frame already parsed, so the payload is a valid object.
+		_ = json.Unmarshal(req.payload, &args)
+	}
+	hasMin := args.MinVersion.Kind() != 0 && args.MinVersion.Kind() != 'n'
+	hasMax := args.MaxVersion.Kind() != 0 && args.MaxVersion.Kind() != 'n'
+	switch {
+	case hasMin && hasMax:
+		lo, ok1 := clampedInt(args.MinVersion)
+		hi, ok2 := clampedInt(args.MaxVersion)
+		if ok1 && ok2 && lo <= hi && hi >= ProtocolVersion && lo <= ProtocolVersion {
+			return ProtocolVersion, true
+		}
+	case !hasMin && !hasMax:
+		if v, ok := clampedInt(req.version); ok && v == ProtocolVersion {
+			return ProtocolVersion, true
+		}
+	}
+	return 0, false
+}
+
+// clampedInt parses a JSON integer, clamping values beyond int64 to its
+// bounds: the comparisons negotiate makes give the same answers either way.
+func clampedInt(raw jsontext.Value) (int64, bool) {
+	if raw.Kind() != '0' || !isInteger(raw) {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(string(raw), 10, 64)
+	if err != nil && !errors.Is(err, strconv.ErrRange) {
+		return 0, false
+	}
+	return n, true
+}
+
+// Payload schemas, one struct per operation. Member names match exactly,
+// unknown members are rejected, null means absent, and the validator
+// checks presence and the name pattern before anything else runs (R7).
+type (
+	tokenArgs struct {
+		Provider string  `json:"provider" validate:"required,credname"`
+		Bucket   *string `json:"bucket" validate:"omitnil,credname"`
+	}
+	saveTokenArgs struct {
+		Provider string  `json:"provider" validate:"required,credname"`
+		Bucket   *string `json:"bucket" validate:"omitnil,credname"`
+		Token    *Token  `json:"token" validate:"required"`
+	}
+	providerArgs struct {
+		Provider string `json:"provider" validate:"required,credname"`
+	}
+	keyArgs struct {
+		Name string `json:"name" validate:"required,credname"`
+	}
+	noArgs struct{}
+)
+
+// args is a validated payload, with the bucket normalised.
+type args struct {
+	provider string
+	bucket   string
+	name     string
+	token    Token
+}
+
+var validate = newValidator()
+
+func newValidator() *validator.Validate {
+	v := validator.New(validator.WithRequiredStructEnabled())
+	if err := v.RegisterValidation("credname", func(fl validator.FieldLevel) bool {
+		return validName(fl.Field().String())
+	}); err != nil {
+		panic(err)
+	}
+	v.RegisterTagNameFunc(func(f reflect.StructField) string {
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		return name
+	})
+	return v
+}
+
+// decodeArgs parses and validates the payload of a known operation. The
+// error messages name the member at fault, never its value.
+func decodeArgs(op Op, payload jsontext.Value) (args, *protoError) {
+	if payload == nil {
+		payload = jsontext.Value("{}")
+	}
+	var a args
+	switch op {
+	case OpGetToken, OpRemoveToken, OpGetBucketStats, OpRefreshToken:
+		var p tokenArgs
+		if err := decodePayload(payload, &p); err != nil {
+			return a, err
+		}
+		a.provider, a.bucket = p.Provider, bucketOrDefault(p.Bucket)
+	case OpSaveToken:
+		var p saveTokenArgs
+		if err := decodePayload(payload, &p); err != nil {
+			return a, err
+		}
+		a.provider, a.bucket, a.token = p.Provider, bucketOrDefault(p.Bucket), *p.Token
+	case OpListBuckets:
+		var p providerArgs
+		if err := decodePayload(payload, &p); err != nil {
+			return a, err
+		}
+		a.provider = p.Provider
+	case OpGetAPIKey, OpHasAPIKey:
+		var p keyArgs
+		if err := decodePayload(payload, &p); err != nil {
+			return a, err
+		}
+		a.name = p.Name
+	case OpListProviders, OpListAPIKeys:
+		if err := decodePayload(payload, &noArgs{}); err != nil {
+			return a, err
+		}
+	default:
+		return a, invalid("unknown operation")
+	}
+	return a, nil
+}
+
+func bucketOrDefault(b *string) string {
+	if b == nil {
+		return DefaultBucket
+	}
+	return *b
+}
+
+func decodePayload(payload jsontext.Value, dst any) *protoError {
+	if err := json.Unmarshal(payload, dst, json.RejectUnknownMembers(true)); err != nil {
+		return payloadError(err)
+	}
+	if err := validate.Struct(dst); err != nil {
+		var verrs validator.ValidationErrors
+		if errors.As(err, &verrs) && len(verrs) > 0 {
+			field := verrs[0].Field()
+			if verrs[0].Tag() == "required" {
+				return invalid(field + " is required")
+			}
+			return invalid(field + " must match ^[A-Za-z0-9._@-]{1,64}$")
+		}
+		return invalid("invalid payload")
+	}
+	return nil
+}
+
+// payloadError explains a json error in a payload by the member's name.
+// Names of unknown members are echoed only when they are valid names.
+func payloadError(err error) *protoError {
+	var terr *TokenError
+	if errors.As(err, &terr) {
+		return invalid("token: " + terr.reason)
+	}
+	var serr *json.SemanticError
+	if !errors.As(err, &serr) {
+		return jsonError(err, "payload")
+	}
+	field := strings.TrimPrefix(string(serr.JSONPointer), "/")
+	if errors.Is(err, json.ErrUnknownName) {
+		if validName(field) {
+			return invalid("unknown payload member " + strconv.Quote(field))
+		}
+		return invalid("unknown payload member")
+	}
+	switch field {
+	case "provider", "bucket", "name":
+		return invalid(field + " must be a string")
+	case "token":
+		return invalid("token must be an object")
+	}
+	return invalid("invalid payload")
+}
+
+// Response encoding. Each append function writes one JSON object; callers
+// frame it with startFrame and sealFrame.
+
+var (
+	handshakeOK   = []byte(`{"v":1,"op":"handshake","ok":true,"data":{"version":1}}`)
+	handshakeFail = []byte(`{"v":1,"op":"handshake","ok":false,"code":"UNKNOWN_VERSION","error":"unsupported protocol version"}`)
+)
+
+// appendOKStart appends the opening of a success response, up to its data
+// member's value; the caller appends the data object and a closing '}'.
+func appendOKStart(dst []byte, id string) []byte {
+	dst = append(dst, `{"id":`...)
+	dst, _ = jsontext.AppendQuote(dst, id)
+	return append(dst, `,"ok":true,"data":`...)
+}
+
+// appendFailure appends a failure response. retryAfter (whole seconds) is
+// written only when positive.
+func appendFailure(dst []byte, id string, code Code, msg string, retryAfter int) []byte {
+	dst = append(dst, `{"id":`...)
+	dst, _ = jsontext.AppendQuote(dst, id)
+	dst = append(dst, `,"ok":false,"code":"`...)
+	dst = append(dst, code...)
+	dst = append(dst, `","error":`...)
+	dst, _ = jsontext.AppendQuote(dst, msg)
+	if retryAfter > 0 {
+		dst = append(dst, `,"retryAfter":`...)
+		dst = strconv.AppendInt(dst, int64(retryAfter), 10)
+	}
+	return append(dst, '}')
+}
+
+// appendNames appends {"<member>":[names...]}.
+func appendNames(dst []byte, member string, names []string) []byte {
+	dst = append(dst, `{"`...)
+	dst = append(dst, member...)
+	dst = append(dst, `":[`...)
+	for i, n := range names {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst, _ = jsontext.AppendQuote(dst, n)
+	}
+	return append(dst, "]}"...)
+}
+
+// response is a decoded response, as the client reads it.
+type response struct {
+	ID         jsontext.Value `json:"id"`
+	OK         bool           `json:"ok"`
+	Data       jsontext.Value `json:"data"`
+	Code       Code           `json:"code"`
+	Error      string         `json:"error"`
+	RetryAfter float64        `json:"retryAfter"`
+}
+
+func decodeResponse(frame []byte) (response, error) {
+	var r response
+	if err := json.Unmarshal(frame, &r); err != nil {
+		return response{}, errorf("malformed response from server: %w", ErrInternal)
+	}
+	return r, nil
+}

@@ -1,0 +1,906 @@
+package credproxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-json-experiment/json/jsontext"
+)
+
+// Defaults for the zero values of [Options].
+const (
+	DefaultMaxConnections   = 256
+	DefaultMaxInFlight      = 16
+	DefaultHandshakeTimeout = 5 * time.Second
+	DefaultFrameTimeout     = 5 * time.Second
+	DefaultStoreTimeout     = 15 * time.Second
+	DefaultWriteTimeout     = 10 * time.Second
+)
+
+// Options configures a [Server]. Only Store is required; every other zero
+// value is safe and gives the default the field names.
+type Options struct {
+	// Store holds the credentials the server serves. Required.
+	Store Store
+
+	// Policy decides which requests are allowed. Nil allows all.
+	Policy Policy
+
+	// Logger receives the audit log (one debug record per request) and
+	// warnings (refused peers, store failures). Nil discards everything.
+	// Secrets are never logged at any level.
+	Logger *slog.Logger
+
+	// AllowedUIDs lists uids, besides the server's effective uid, whose
+	// processes may connect: for sandboxes whose user namespace maps the
+	// inner user to another host uid. Empty allows only the server's uid.
+	AllowedUIDs []int
+
+	// RateLimit is the sustained number of requests per second allowed on
+	// each connection, and RateBurst the number allowed at once. Zero means
+	// 60 and 60 (R22). A negative RateLimit switches the limit off, for
+	// benchmarks only. A zero RateBurst with a non-zero RateLimit means the
+	// rate rounded up.
+	RateLimit float64
+	RateBurst int
+
+	// MaxConnections caps concurrent connections. Zero means 256. When the
+	// cap is reached, the oldest connection that has not completed its
+	// handshake is dropped to make room; if every connection has completed
+	// it, the new one is refused.
+	MaxConnections int
+
+	// MaxInFlight caps the requests of one connection being served at
+	// once; one more is refused with RESOURCE_EXHAUSTED. Zero means 16.
+	MaxInFlight int
+
+	// HandshakeTimeout bounds the time from accept to a completed
+	// handshake. Zero means 5s.
+	HandshakeTimeout time.Duration
+
+	// FrameTimeout bounds the time from a frame's first byte to its last
+	// (R5.3). Zero means 5s.
+	FrameTimeout time.Duration
+
+	// StoreTimeout bounds the policy and store work of one request; past it
+	// the request fails with INTERNAL_ERROR. Zero means 15s.
+	StoreTimeout time.Duration
+
+	// WriteTimeout bounds the write of one response; a peer that does not
+	// read its responses is disconnected after it. Zero means 10s.
+	WriteTimeout time.Duration
+}
+
+// Server serves a [Store] over the credproxy protocol. Its lifecycle
+// follows net/http's Server: [Server.Serve] on one or more listeners, then
+// [Server.Shutdown] or [Server.Close]. A Server is safe for concurrent use
+// and cannot be restarted once shut down. Create one with [NewServer]; the
+// zero Server is not usable.
+type Server struct {
+	opts     Options
+	log      *slog.Logger
+	euid     int
+	baseCtx  context.Context
+	cancel   context.CancelFunc
+	locks    keyedMutex
+	warnOnce sync.Once
+
+	inShutdown atomic.Bool
+
+	mu        sync.Mutex
+	listeners map[*net.Listener]struct{}
+	conns     map[*conn]struct{}
+	connSeq   uint64
+	wg        sync.WaitGroup // every connection goroutine
+}
+
+// NewServer returns a server for opts. It fails only if opts.Store is nil
+// or a field is out of range.
+func NewServer(opts Options) (*Server, error) {
+	if opts.Store == nil {
+		return nil, errors.New("credproxy: Options.Store is nil; use NewMemoryStore or another Store")
+	}
+	if opts.MaxConnections < 0 || opts.MaxInFlight < 0 || opts.RateBurst < 0 ||
+		opts.HandshakeTimeout < 0 || opts.FrameTimeout < 0 || opts.StoreTimeout < 0 || opts.WriteTimeout < 0 {
+		return nil, errors.New("credproxy: Options has a negative limit or timeout; use zero for the default")
+	}
+	if opts.Policy == nil {
+		opts.Policy = AllowAll()
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.RateLimit == 0 {
+		opts.RateLimit = defaultRateLimit
+		if opts.RateBurst == 0 {
+			opts.RateBurst = defaultRateBurst
+		}
+	}
+	if opts.RateBurst == 0 {
+		opts.RateBurst = max(1, int(min(opts.RateLimit+0.999999, 1<<30)))
+	}
+	opts.AllowedUIDs = slices.Clone(opts.AllowedUIDs)
+	setDefault(&opts.MaxConnections, DefaultMaxConnections)
+	setDefault(&opts.MaxInFlight, DefaultMaxInFlight)
+	setDefault(&opts.HandshakeTimeout, DefaultHandshakeTimeout)
+	setDefault(&opts.FrameTimeout, DefaultFrameTimeout)
+	setDefault(&opts.StoreTimeout, DefaultStoreTimeout)
+	setDefault(&opts.WriteTimeout, DefaultWriteTimeout)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Server{
+		opts:      opts,
+		log:       logger,
+		euid:      os.Geteuid(),
+		baseCtx:   ctx,
+		cancel:    cancel,
+		listeners: make(map[*net.Listener]struct{}),
+		conns:     make(map[*conn]struct{}),
+	}, nil
+}
+
+func setDefault[T int | time.Duration](v *T, def T) {
+	if *v == 0 {
+		*v = def
+	}
+}
+
+// DefaultSocketDir returns the per-user socket directory, without creating
+// it: {realpath(os.TempDir())}/llxprt-cred-{uid} (R3.1).
+func DefaultSocketDir() (string, error) {
+	tmp, err := filepath.EvalSymlinks(os.TempDir())
+	if err != nil {
+		return "", errorf("resolve the temp directory: %w", err)
+	}
+	return filepath.Join(tmp, "llxprt-cred-"+strconv.Itoa(os.Getuid())), nil
+}
+
+// Listen creates a socket named llxprt-cred-{pid}-{nonce}.sock in dir, or
+// in [DefaultSocketDir] when dir is "", and listens on it; see [ListenPath]
+// for the checks it makes. The nonce is 8 hex digits from crypto/rand, so
+// the name cannot be guessed. Pass the listener to [Server.Serve] and its
+// address (l.Addr().String()) to the sandbox in [SocketEnv].
+func Listen(dir string) (*net.UnixListener, error) {
+	if dir == "" {
+		var err error
+		if dir, err = DefaultSocketDir(); err != nil {
+			return nil, err
+		}
+	}
+	var nonce [4]byte
+	if _, err := rand.Read(nonce[:]); err != nil {
+		return nil, errorf("socket nonce: %w", err)
+	}
+	name := fmt.Sprintf("llxprt-cred-%d-%s.sock", os.Getpid(), hex.EncodeToString(nonce[:]))
+	return ListenPath(filepath.Join(dir, name))
+}
+
+// ListenPath listens on a Unix socket at path, carefully (R3, R25):
+//   - a path longer than the platform's sun_path allows is refused, never
+//     truncated;
+//   - the parent directory is created with mode 0700, and if it exists it
+//     must be a real directory, owned by the effective uid and closed to
+//     group and others, or ListenPath refuses to use it;
+//   - if something at path accepts connections, ListenPath fails with
+//     "address already in use"; a stale file is removed;
+//   - the socket is made 0600 before ListenPath returns. It is never more
+//     open: the directory already keeps everyone else out.
+//
+// Closing the listener removes the socket file. The errors say what to fix,
+// so a launcher can report them and stop before it starts a sandbox. A
+// process of the same uid can still race the stale-file check; the private
+// directory keeps everyone else from doing so.
+func ListenPath(path string) (*net.UnixListener, error) {
+	if len(path) > maxSocketPathLen {
+		return nil, errorf("socket path %s is %d bytes, over the %d-byte limit of %s sockets; choose a shorter directory",
+			path, len(path), maxSocketPathLen, runtime.GOOS)
+	}
+	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
+		return nil, err
+	}
+	if _, err := os.Lstat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, errorf("listen on %s: address already in use by a running server", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, errorf("remove stale socket: %w", err)
+		}
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, errorf("listen: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, errorf("chmod socket: %w", err)
+	}
+	return l, nil
+}
+
+// ensurePrivateDir creates dir with mode 0700, or checks that the existing
+// dir is a real directory that only the effective uid can use (R3.2).
+func ensurePrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return errorf("create socket directory: %w", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return errorf("socket directory: %w", err)
+	}
+	switch {
+	case fi.Mode()&os.ModeSymlink != 0:
+		return errorf("socket directory %s is a symbolic link; remove it, or choose another directory", dir)
+	case !fi.IsDir():
+		return errorf("socket directory %s is not a directory; remove it, or choose another directory", dir)
+	}
+	if uid, ok := fileOwner(fi); ok && uid != os.Geteuid() {
+		return errorf("socket directory %s is owned by uid %d, not by this process's uid %d; remove it, or choose another directory",
+			dir, uid, os.Geteuid())
+	}
+	if runtime.GOOS != "windows" && fi.Mode().Perm()&0o077 != 0 {
+		return errorf("socket directory %s has mode %#o, open to group or others; run chmod 700 on it, or choose another directory",
+			dir, fi.Mode().Perm())
+	}
+	return nil
+}
+
+// Serve accepts connections on l and serves each in its own goroutine,
+// like http.Server.Serve. It always returns a non-nil error and closes l;
+// after [Server.Shutdown] or [Server.Close] the error is [ErrServerClosed].
+//
+// The peer of each connection is identified when it is accepted. On Linux
+// and macOS a peer whose uid is neither the server's effective uid nor in
+// [Options.AllowedUIDs], or whose credentials cannot be read (as with a
+// listener that is not a Unix socket), is disconnected before anything is
+// read (R4). Serve may be called on several listeners at once.
+func (s *Server) Serve(l net.Listener) error {
+	defer l.Close()
+	if !s.trackListener(&l, true) {
+		return ErrServerClosed
+	}
+	defer s.trackListener(&l, false)
+
+	var backoff time.Duration
+	for {
+		rw, err := l.Accept()
+		if err != nil {
+			if s.inShutdown.Load() {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and similar: wait and retry, as
+			// net/http does, rather than spin or stop serving.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("credproxy: accept failed; retrying", "err", err, "backoff", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		s.accept(rw)
+	}
+}
+
+func (s *Server) trackListener(l *net.Listener, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.inShutdown.Load() {
+			return false
+		}
+		s.listeners[l] = struct{}{}
+	} else {
+		delete(s.listeners, l)
+	}
+	return true
+}
+
+// accept identifies the peer of rw and starts serving it if it may connect.
+func (s *Server) accept(rw net.Conn) {
+	peer, err := s.identify(rw)
+	if err != nil {
+		s.log.Warn("credproxy: connection refused: cannot identify the peer", "err", err)
+		rw.Close()
+		return
+	}
+	if !s.uidAllowed(peer) {
+		s.log.Warn("credproxy: connection refused: peer uid not allowed", "peer", peer)
+		rw.Close()
+		return
+	}
+	s.serveConn(rw, peer)
+}
+
+func (s *Server) identify(rw net.Conn) (Peer, error) {
+	uc, ok := rw.(*net.UnixConn)
+	if !ok {
+		return Peer{}, errorf("connection is %T, not a Unix socket", rw)
+	}
+	peer, err := peerCreds(uc)
+	if errors.Is(err, errors.ErrUnsupported) {
+		s.warnOnce.Do(func() {
+			s.log.Warn("credproxy: peer credentials are not available on this platform; relying on the socket's file mode", "goos", runtime.GOOS)
+		})
+		return Peer{}, nil
+	}
+	return peer, err
+}
+
+func (s *Server) uidAllowed(p Peer) bool {
+	uid, ok := p.UID()
+	if !ok {
+		// Only platforms without peer credentials yield unknown peers
+		// without an error; the Policy still sees the unknown peer.
+		return true
+	}
+	return uid == s.euid || slices.Contains(s.opts.AllowedUIDs, uid)
+}
+
+// serveConn tracks rw and serves it in a new goroutine. It is the seam the
+// in-package tests use to serve a net.Pipe with a chosen peer.
+func (s *Server) serveConn(rw net.Conn, peer Peer) {
+	c := &conn{
+		srv:     s,
+		rwc:     rw,
+		peer:    peer,
+		br:      bufio.NewReader(rw),
+		limiter: newConnLimiter(s.opts.RateLimit, s.opts.RateBurst),
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inShutdown.Load() {
+		rw.Close()
+		return
+	}
+	if len(s.conns) >= s.opts.MaxConnections {
+		victim := s.oldestPendingLocked()
+		if victim == nil {
+			s.log.Warn("credproxy: connection refused: connection cap reached", "cap", s.opts.MaxConnections, "peer", peer)
+			rw.Close()
+			return
+		}
+		s.log.Warn("credproxy: connection cap reached; dropping the oldest connection still in its handshake", "cap", s.opts.MaxConnections, "peer", victim.peer)
+		delete(s.conns, victim)
+		victim.rwc.Close()
+	}
+	s.connSeq++
+	c.seq = s.connSeq
+	s.conns[c] = struct{}{}
+	s.wg.Go(c.serve)
+}
+
+func (s *Server) oldestPendingLocked() *conn {
+	var oldest *conn
+	for c := range s.conns {
+		if !c.handshaken.Load() && (oldest == nil || c.seq < oldest.seq) {
+			oldest = c
+		}
+	}
+	return oldest
+}
+
+func (s *Server) untrack(c *conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, c)
+}
+
+// aLongTimeAgo is a deadline in the past, to interrupt blocked reads.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// Shutdown shuts the server down gracefully, like http.Server.Shutdown: it
+// closes the listeners (removing the socket files of listeners made by
+// [Listen]), stops reading new requests, lets the requests in flight finish
+// and their responses be written, and closes every connection (R25.3). If
+// ctx ends first, Shutdown closes everything as [Server.Close] does and
+// returns ctx.Err(). Shutdown may be called more than once, and before
+// Serve; it returns once every connection goroutine has exited.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.inShutdown.Store(true)
+	s.mu.Lock()
+	err := s.closeListenersLocked()
+	for c := range s.conns {
+		c.rwc.SetReadDeadline(aLongTimeAgo)
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		s.cancel()
+		return err
+	case <-ctx.Done():
+		s.Close()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close closes the listeners and every connection at once, cancelling the
+// context of requests in flight, like http.Server.Close. It returns once
+// every connection goroutine has exited, which takes as long as the
+// slowest store call takes to honour its cancelled context. Close may be
+// called more than once, and before Serve.
+func (s *Server) Close() error {
+	s.inShutdown.Store(true)
+	s.cancel()
+	s.mu.Lock()
+	err := s.closeListenersLocked()
+	for c := range s.conns {
+		c.rwc.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return err
+}
+
+func (s *Server) closeListenersLocked() error {
+	var err error
+	for l := range s.listeners {
+		if cerr := (*l).Close(); cerr != nil && err == nil && !errors.Is(cerr, net.ErrClosed) {
+			err = cerr
+		}
+		delete(s.listeners, l)
+	}
+	return err
+}
+
+// conn is one accepted connection. Its reader goroutine (serve) reads
+// frames, applies the rate limit, decodes and validates, and answers what
+// it can at once; each valid request then runs in a goroutine of its own,
+// at most MaxInFlight at a time, and responses are written whole under wmu.
+type conn struct {
+	srv     *Server
+	rwc     net.Conn
+	peer    Peer
+	seq     uint64
+	br      *bufio.Reader
+	frame   []byte
+	limiter *connLimiter
+
+	handshaken atomic.Bool
+	inFlight   atomic.Int32
+	handlers   sync.WaitGroup
+
+	wmu       sync.Mutex
+	writeDead bool // a write failed; guarded by wmu
+}
+
+func (c *conn) serve() {
+	defer c.srv.untrack(c)
+	defer c.rwc.Close()
+	defer c.handlers.Wait()
+
+	handshakeDeadline := time.Now().Add(c.srv.opts.HandshakeTimeout)
+	c.setReadDeadline(handshakeDeadline)
+	if !c.handshake(handshakeDeadline) {
+		return
+	}
+	c.handshaken.Store(true)
+	c.setReadDeadline(time.Time{})
+	for {
+		frame, err := c.readFrame(time.Time{})
+		if err != nil {
+			c.readFailed(err)
+			return
+		}
+		if c.srv.inShutdown.Load() {
+			return
+		}
+		c.handle(frame)
+	}
+}
+
+// setReadDeadline sets the read deadline unless the server is shutting
+// down, in which case reads must fail at once. The shutdown flag is checked
+// after setting, so a deadline set concurrently with Shutdown cannot
+// outlive it.
+func (c *conn) setReadDeadline(t time.Time) {
+	c.rwc.SetReadDeadline(t)
+	if c.srv.inShutdown.Load() {
+		c.rwc.SetReadDeadline(aLongTimeAgo)
+	}
+}
+
+// readFrame waits for the next frame until idleDeadline (zero: forever),
+// then gives the rest of it FrameTimeout from its first byte (R5.3): a
+// trickle of bytes does not extend that.
+func (c *conn) readFrame(idleDeadline time.Time) ([]byte, error) {
+	if _, err := c.br.Peek(1); err != nil {
+		return nil, err
+	}
+	if !c.frameBuffered() {
+		deadline := time.Now().Add(c.srv.opts.FrameTimeout)
+		if !idleDeadline.IsZero() && idleDeadline.Before(deadline) {
+			deadline = idleDeadline
+		}
+		c.setReadDeadline(deadline)
+		defer c.setReadDeadline(idleDeadline)
+	}
+	frame, err := readFrame(c.br, c.frame)
+	if err == nil && cap(frame) <= 4096 {
+		c.frame = frame[:0] // keep small buffers; let a large one go
+	}
+	return frame, err
+}
+
+// frameBuffered reports whether the whole next frame is already buffered,
+// so that reading it needs no deadline.
+func (c *conn) frameBuffered() bool {
+	if c.br.Buffered() < frameHeaderLen {
+		return false
+	}
+	h, _ := c.br.Peek(frameHeaderLen)
+	n := int(h[0])<<24 | int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+	return n <= MaxFrameSize && c.br.Buffered() >= frameHeaderLen+n
+}
+
+// readFailed answers a frame-level error that leaves the stream out of
+// sync: an empty or oversize header gets one INVALID_REQUEST (R5.4).
+func (c *conn) readFailed(err error) {
+	switch {
+	case errors.Is(err, ErrFrameTooLarge):
+		c.writeFailure(unknownID, invalid("frame too large"), 0)
+	case errors.Is(err, errEmptyFrame):
+		c.writeFailure(unknownID, invalid("empty frame"), 0)
+	case errors.Is(err, os.ErrDeadlineExceeded) && !c.srv.inShutdown.Load():
+		c.srv.log.Debug("credproxy: connection timed out", "peer", c.peer, "handshaken", c.handshaken.Load())
+	case err != io.EOF && !errors.Is(err, net.ErrClosed) && !c.srv.inShutdown.Load():
+		c.srv.log.Debug("credproxy: connection read failed", "peer", c.peer, "err", err)
+	}
+}
+
+// handshake reads and answers the first frame (R6). It reports whether the
+// connection may go on.
+func (c *conn) handshake(deadline time.Time) bool {
+	frame, err := c.readFrame(deadline)
+	if err != nil {
+		c.readFailed(err)
+		return false
+	}
+	req, perr := decodeRequest(frame)
+	switch {
+	case perr != nil:
+		c.writeFailure(unknownID, perr, 0)
+		return false
+	case req.op != opHandshake:
+		c.writeFailure(echoID(req.id), invalid("handshake required"), 0)
+		return false
+	}
+	if _, ok := negotiate(req); !ok {
+		c.writeFrame(handshakeFail)
+		c.srv.log.Debug("credproxy: handshake refused: no common protocol version", "peer", c.peer)
+		return false
+	}
+	return c.writeFrame(handshakeOK)
+}
+
+func echoID(id string) string {
+	if id == "" {
+		return unknownID
+	}
+	return id
+}
+
+// handle answers one request frame after the handshake, in the order the
+// protocol sets: rate limit, id and op, payload schema, then (in its own
+// goroutine) policy and store.
+func (c *conn) handle(frame []byte) {
+	req, perr := decodeRequest(frame)
+	if ok, retryAfter := c.limiter.allow(time.Now()); !ok {
+		c.writeFailure(echoID(req.id), &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter)
+		return
+	}
+	switch {
+	case perr != nil:
+		c.writeFailure(unknownID, perr, 0)
+		return
+	case req.id == "":
+		c.writeFailure(unknownID, invalid("id must be a non-empty string or an integer"), 0)
+		return
+	case !req.opOK:
+		c.writeFailure(req.id, invalid("op must be a string"), 0)
+		return
+	case req.payloadErr:
+		c.writeFailure(req.id, invalid("payload must be an object"), 0)
+		return
+	}
+	op := Op(req.op)
+	a, perr := decodeArgs(op, req.payload)
+	if perr != nil {
+		c.writeFailure(req.id, perr, 0)
+		return
+	}
+	if c.inFlight.Add(1) > int32(c.srv.opts.MaxInFlight) {
+		c.inFlight.Add(-1)
+		c.writeFailure(req.id, &protoError{code: CodeResourceExhausted, msg: "too many requests in flight"}, 0)
+		return
+	}
+	c.handlers.Go(func() {
+		defer c.inFlight.Add(-1)
+		c.srv.serveRequest(c, req.id, op, a)
+	})
+}
+
+// writeFailure writes a failure response.
+func (c *conn) writeFailure(id string, e *protoError, retryAfter int) {
+	buf := getBuffer()
+	defer putBuffer(buf)
+	*buf = appendFailure(startFrame((*buf)[:0]), id, e.code, e.msg, retryAfter)
+	c.writeFramed(*buf)
+}
+
+// writeFrame frames payload and writes it.
+func (c *conn) writeFrame(payload []byte) bool {
+	buf := getBuffer()
+	defer putBuffer(buf)
+	*buf = append(startFrame((*buf)[:0]), payload...)
+	return c.writeFramed(*buf)
+}
+
+// writeFramed seals and writes a frame begun with startFrame, whole, with
+// the write deadline. A failed write closes the connection: the peer has
+// gone, or stopped reading, and a half-written frame cannot be undone.
+func (c *conn) writeFramed(frame []byte) bool {
+	frame, err := sealFrame(frame)
+	if err != nil {
+		return false
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.writeDead {
+		return false
+	}
+	c.rwc.SetWriteDeadline(time.Now().Add(c.srv.opts.WriteTimeout))
+	if _, err := c.rwc.Write(frame); err != nil {
+		c.writeDead = true
+		c.rwc.Close()
+		c.srv.log.Debug("credproxy: write failed; closing the connection", "peer", c.peer, "err", err)
+		return false
+	}
+	return true
+}
+
+var bufferPool = sync.Pool{New: func() any { b := make([]byte, 0, 1024); return &b }}
+
+func getBuffer() *[]byte { return bufferPool.Get().(*[]byte) }
+
+func putBuffer(b *[]byte) {
+	if cap(*b) <= 16<<10 {
+		bufferPool.Put(b)
+	}
+}
+
+// result is the outcome of one request: the response buffer with the data
+// object appended on success, or a failure.
+type result struct {
+	data []byte
+	fail *protoError
+}
+
+func failure(code Code, msg string) result { return result{fail: &protoError{code: code, msg: msg}} }
+
+// serveRequest runs an allowed, validated request against the policy and
+// the store, writes the response and logs it.
+func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(s.baseCtx, s.opts.StoreTimeout)
+	defer cancel()
+
+	buf := getBuffer()
+	defer putBuffer(buf)
+	// The success response is built in place: exec appends the data object
+	// after the envelope's opening, and a failure starts the frame over.
+	res := s.exec(ctx, c.peer, op, a, appendOKStart(startFrame((*buf)[:0]), id))
+	if res.fail == nil && ctx.Err() != nil {
+		// The store answered after its deadline (R8: 15 s).
+		res = failure(CodeInternalError, "credential store timed out")
+	}
+	if res.fail == nil && len(res.data)+1-frameHeaderLen > MaxFrameSize {
+		s.log.Warn("credproxy: response too large for a frame", "op", op, "provider", a.provider, "bucket", a.bucket, "key", a.name)
+		res = failure(CodeInternalError, "response too large")
+	}
+	var frame []byte
+	if res.fail == nil {
+		frame = append(res.data, '}')
+	} else {
+		frame = appendFailure(startFrame((*buf)[:0]), id, res.fail.code, res.fail.msg, 0)
+	}
+	*buf = frame
+	c.writeFramed(frame)
+
+	if s.log.Enabled(ctx, slog.LevelDebug) {
+		code := "OK"
+		if res.fail != nil {
+			code = string(res.fail.code)
+		}
+		s.log.LogAttrs(ctx, slog.LevelDebug, "credproxy: request",
+			slog.String("op", string(op)), slog.String("provider", a.provider), slog.String("bucket", a.bucket),
+			slog.String("key", a.name), slog.Any("peer", c.peer), slog.String("code", code),
+			slog.Duration("duration", time.Since(start)))
+	}
+}
+
+// exec performs op and appends its data object to dst.
+func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte) result {
+	req := Request{Peer: peer, Op: op, Provider: a.provider, Bucket: a.bucket, Key: a.name}
+	if err := s.opts.Policy.Authorize(ctx, &req); err != nil {
+		return s.denied(op, err)
+	}
+	st := s.opts.Store
+	switch op {
+	case OpGetToken:
+		tok, err := st.GetToken(ctx, a.provider, a.bucket)
+		if err != nil {
+			return s.storeFailure(ctx, op, a, err, "token not found")
+		}
+		return result{data: tok.WithoutRefreshToken().appendJSON(dst, false)}
+
+	case OpSaveToken:
+		if err := s.saveToken(ctx, a.provider, a.bucket, a.token); err != nil {
+			return s.storeFailure(ctx, op, a, err, "")
+		}
+		return result{data: append(dst, "{}"...)}
+
+	case OpRemoveToken:
+		unlock, err := s.locks.lock(ctx, lockKey(a.provider, a.bucket))
+		if err != nil {
+			return s.storeFailure(ctx, op, a, err, "")
+		}
+		defer unlock()
+		if err := st.RemoveToken(ctx, a.provider, a.bucket); err != nil && !errors.Is(err, ErrNotFound) {
+			// Best effort (R8.4): a logout must not fail in the sandbox.
+			s.logStoreError(op, a, err)
+		}
+		return result{data: append(dst, "{}"...)}
+
+	case OpListProviders:
+		names, err := st.ListProviders(ctx)
+		if err != nil {
+			s.logStoreError(op, a, err)
+		}
+		names = s.filter(ctx, req, names, func(r *Request, n string) { r.Provider = n })
+		return result{data: appendNames(dst, "providers", names)}
+
+	case OpListBuckets:
+		names, err := st.ListBuckets(ctx, a.provider)
+		if err != nil {
+			s.logStoreError(op, a, err)
+		}
+		names = s.filter(ctx, req, names, func(r *Request, n string) { r.Bucket = n })
+		return result{data: appendNames(dst, "buckets", names)}
+
+	case OpGetBucketStats:
+		if _, err := st.GetToken(ctx, a.provider, a.bucket); err != nil {
+			return s.storeFailure(ctx, op, a, err, "token not found")
+		}
+		dst = append(dst, `{"bucket":`...)
+		dst, _ = jsontext.AppendQuote(dst, a.bucket)
+		return result{data: append(dst, `,"requestCount":0,"percentage":0}`...)}
+
+	case OpGetAPIKey:
+		key, err := st.GetAPIKey(ctx, a.name)
+		if err != nil {
+			return s.storeFailure(ctx, op, a, err, "API key not found")
+		}
+		dst = append(dst, `{"key":`...)
+		dst, _ = jsontext.AppendQuote(dst, string(key))
+		return result{data: append(dst, '}')}
+
+	case OpListAPIKeys:
+		names, err := st.ListAPIKeys(ctx)
+		if err != nil {
+			s.logStoreError(op, a, err)
+		}
+		names = s.filter(ctx, req, names, func(r *Request, n string) { r.Key = n })
+		return result{data: appendNames(dst, "keys", names)}
+
+	case OpHasAPIKey:
+		_, err := st.GetAPIKey(ctx, a.name)
+		switch {
+		case err == nil:
+			return result{data: append(dst, `{"exists":true}`...)}
+		case errors.Is(err, ErrNotFound):
+			return result{data: append(dst, `{"exists":false}`...)}
+		}
+		return s.storeFailure(ctx, op, a, err, "")
+
+	case OpRefreshToken:
+		// This server has no refreshers, so no provider can be refreshed.
+		return failure(CodeProviderNotFound, "no refresher for this provider")
+	}
+	return failure(CodeInvalidRequest, "unknown operation")
+}
+
+// saveToken merges token into the stored one under the per-key lock (R8.3):
+// the incoming refresh token is dropped and the stored one kept.
+func (s *Server) saveToken(ctx context.Context, provider, bucket string, token Token) error {
+	incoming := token.WithoutRefreshToken()
+	unlock, err := s.locks.lock(ctx, lockKey(provider, bucket))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	stored, err := s.opts.Store.GetToken(ctx, provider, bucket)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return s.opts.Store.SaveToken(ctx, provider, bucket, incoming)
+	case err != nil:
+		return err
+	}
+	return s.opts.Store.SaveToken(ctx, provider, bucket, stored.Merge(incoming))
+}
+
+func lockKey(provider, bucket string) string { return provider + ":" + bucket }
+
+// filter returns the sorted names the policy allows, asking once per name
+// with set filling the name into a copy of req (R21.3).
+func (s *Server) filter(ctx context.Context, req Request, names []string, set func(*Request, string)) []string {
+	kept := names[:0]
+	for _, n := range names {
+		if !validName(n) {
+			continue
+		}
+		r := req
+		set(&r, n)
+		if s.opts.Policy.Authorize(ctx, &r) == nil {
+			kept = append(kept, n)
+		}
+	}
+	slices.Sort(kept)
+	return slices.Compact(kept)
+}
+
+// denied turns a policy error into UNAUTHORIZED with a message naming the
+// kind of thing refused, never the policy's own text.
+func (s *Server) denied(op Op, err error) result {
+	msg := "request not allowed"
+	var d *denial
+	if errors.As(err, &d) {
+		msg = d.msg
+	}
+	s.log.Debug("credproxy: request denied by policy", "op", op, "err", err)
+	return failure(CodeUnauthorized, msg)
+}
+
+// storeFailure maps a store error to a response: NOT_FOUND with notFound
+// as the message when the error is ErrNotFound and notFound is set, and
+// otherwise INTERNAL_ERROR, whose cause is logged on the host only.
+func (s *Server) storeFailure(ctx context.Context, op Op, a args, err error, notFound string) result {
+	if notFound != "" && errors.Is(err, ErrNotFound) {
+		return failure(CodeNotFound, notFound)
+	}
+	s.logStoreError(op, a, err)
+	if ctx.Err() != nil {
+		return failure(CodeInternalError, "credential store timed out")
+	}
+	return failure(CodeInternalError, "credential store error")
+}
+
+func (s *Server) logStoreError(op Op, a args, err error) {
+	var secrets []string
+	if !a.token.IsZero() {
+		secrets = []string{string(a.token.AccessToken()), string(a.token.RefreshToken())}
+	}
+	s.log.Warn("credproxy: store error", "op", op, "provider", a.provider, "bucket", a.bucket, "key", a.name,
+		"err", redact(err.Error(), secrets...))
+}

@@ -1,0 +1,246 @@
+package credproxy
+
+import (
+	"context"
+	"maps"
+	"slices"
+	"sync"
+)
+
+// Store holds the host's credentials: OAuth tokens, one per provider and
+// bucket, and API keys by name. A [Server] serves from a Store; a [Client]
+// implements Store too, so code can be written once for the host and the
+// sandbox.
+//
+// The contract every implementation keeps:
+//   - Names are valid (1 to 64 characters from [A-Za-z0-9._@-]); the server
+//     checks them first, and an implementation may reject others with an
+//     error wrapping [ErrInvalidRequest]. A bucket of "" means
+//     [DefaultBucket].
+//   - GetToken and GetAPIKey return an error wrapping [ErrNotFound] for an
+//     absent item. RemoveToken and RemoveAPIKey of an absent item succeed.
+//   - SaveToken stores the token whole, as given: with its refresh token and
+//     every member exactly as it is. Merging is the caller's business.
+//   - List methods return names in any order; the server sorts them.
+//   - Methods are safe for concurrent use and honour ctx: when it ends, they
+//     return promptly with an error wrapping ctx.Err().
+//   - Errors may be logged by the host but are never sent to a peer, so
+//     their text may be specific; they must not contain a secret.
+type Store interface {
+	GetToken(ctx context.Context, provider, bucket string) (Token, error)
+	SaveToken(ctx context.Context, provider, bucket string, token Token) error
+	RemoveToken(ctx context.Context, provider, bucket string) error
+	ListProviders(ctx context.Context) ([]string, error)
+	ListBuckets(ctx context.Context, provider string) ([]string, error)
+
+	GetAPIKey(ctx context.Context, name string) (Secret, error)
+	SaveAPIKey(ctx context.Context, name string, key Secret) error
+	RemoveAPIKey(ctx context.Context, name string) error
+	ListAPIKeys(ctx context.Context) ([]string, error)
+}
+
+// MemoryStore is a [Store] that keeps credentials in memory. It is a
+// complete implementation, safe for concurrent use, suited to tests,
+// examples and hosts that load credentials from elsewhere at start. Tokens
+// are immutable and strings are copied by value, so no caller can alias
+// what it holds. The zero MemoryStore is not usable; call [NewMemoryStore].
+type MemoryStore struct {
+	mu     sync.RWMutex
+	tokens map[string]map[string]Token // provider → bucket → token
+	keys   map[string]Secret
+}
+
+// NewMemoryStore returns an empty MemoryStore.
+func NewMemoryStore() *MemoryStore {
+	return &MemoryStore{
+		tokens: make(map[string]map[string]Token),
+		keys:   make(map[string]Secret),
+	}
+}
+
+var _ Store = (*MemoryStore)(nil)
+
+func checkNames(names ...string) error {
+	for _, n := range names {
+		if !validName(n) {
+			return errorf("name must match ^[A-Za-z0-9._@-]{1,64}$: %w", ErrInvalidRequest)
+		}
+	}
+	return nil
+}
+
+func normalBucket(bucket string) string {
+	if bucket == "" {
+		return DefaultBucket
+	}
+	return bucket
+}
+
+// GetToken returns the token of provider and bucket.
+func (m *MemoryStore) GetToken(ctx context.Context, provider, bucket string) (Token, error) {
+	bucket = normalBucket(bucket)
+	if err := begin(ctx, provider, bucket); err != nil {
+		return Token{}, err
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	t, ok := m.tokens[provider][bucket]
+	if !ok {
+		return Token{}, errorf("no token for provider %s bucket %s: %w", provider, bucket, ErrNotFound)
+	}
+	return t, nil
+}
+
+// SaveToken stores token for provider and bucket, replacing any other.
+func (m *MemoryStore) SaveToken(ctx context.Context, provider, bucket string, token Token) error {
+	bucket = normalBucket(bucket)
+	if err := begin(ctx, provider, bucket); err != nil {
+		return err
+	}
+	if _, ok := token.lookup(fieldAccessToken); !ok {
+		return errorf("token has no access_token: %w", ErrInvalidRequest)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.tokens[provider] == nil {
+		m.tokens[provider] = make(map[string]Token)
+	}
+	m.tokens[provider][bucket] = token
+	return nil
+}
+
+// RemoveToken deletes the token of provider and bucket, if there is one.
+func (m *MemoryStore) RemoveToken(ctx context.Context, provider, bucket string) error {
+	bucket = normalBucket(bucket)
+	if err := begin(ctx, provider, bucket); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.tokens[provider], bucket)
+	if len(m.tokens[provider]) == 0 {
+		delete(m.tokens, provider)
+	}
+	return nil
+}
+
+// ListProviders returns the providers that have at least one token.
+func (m *MemoryStore) ListProviders(ctx context.Context) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return slices.Sorted(maps.Keys(m.tokens)), nil
+}
+
+// ListBuckets returns the buckets of provider that hold a token.
+func (m *MemoryStore) ListBuckets(ctx context.Context, provider string) ([]string, error) {
+	if err := begin(ctx, provider); err != nil {
+		return nil, err
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return slices.Sorted(maps.Keys(m.tokens[provider])), nil
+}
+
+// GetAPIKey returns the API key called name.
+func (m *MemoryStore) GetAPIKey(ctx context.Context, name string) (Secret, error) {
+	if err := begin(ctx, name); err != nil {
+		return "", err
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	k, ok := m.keys[name]
+	if !ok {
+		return "", errorf("no API key %s: %w", name, ErrNotFound)
+	}
+	return k, nil
+}
+
+// SaveAPIKey stores key under name, replacing any other.
+func (m *MemoryStore) SaveAPIKey(ctx context.Context, name string, key Secret) error {
+	if err := begin(ctx, name); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.keys[name] = key
+	return nil
+}
+
+// RemoveAPIKey deletes the API key called name, if there is one.
+func (m *MemoryStore) RemoveAPIKey(ctx context.Context, name string) error {
+	if err := begin(ctx, name); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.keys, name)
+	return nil
+}
+
+// ListAPIKeys returns the names of the stored API keys.
+func (m *MemoryStore) ListAPIKeys(ctx context.Context) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return slices.Sorted(maps.Keys(m.keys)), nil
+}
+
+// begin is the common entry check of MemoryStore methods.
+func begin(ctx context.Context, names ...string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return checkNames(names...)
+}
+
+// keyedMutex serialises work per key (provider:bucket) inside one process:
+// save_token's read-merge-write and remove_token take it (R8.3, R8.4), so a
+// logout arriving during a save waits for it and then wins. Waiting honours
+// ctx. Entries exist only while held or waited for.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*keyLock
+}
+
+type keyLock struct {
+	ch      chan struct{} // holds one token while the lock is held
+	waiters int           // holders and waiters, guarded by keyedMutex.mu
+}
+
+// lock acquires the lock for key, or returns ctx.Err() if ctx ends first.
+// The returned function releases it.
+func (k *keyedMutex) lock(ctx context.Context, key string) (unlock func(), err error) {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = make(map[string]*keyLock)
+	}
+	l := k.locks[key]
+	if l == nil {
+		l = &keyLock{ch: make(chan struct{}, 1)}
+		k.locks[key] = l
+	}
+	l.waiters++
+	k.mu.Unlock()
+
+	select {
+	case l.ch <- struct{}{}:
+		return func() { <-l.ch; k.release(key, l) }, nil
+	case <-ctx.Done():
+		k.release(key, l)
+		return nil, ctx.Err()
+	}
+}
+
+func (k *keyedMutex) release(key string, l *keyLock) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	l.waiters--
+	if l.waiters == 0 {
+		delete(k.locks, key)
+	}
+}
