@@ -30,6 +30,12 @@ type ClientOptions struct {
 	// means 5 minutes; a negative value keeps the connection open.
 	IdleTimeout time.Duration
 
+	// MaxInFlight caps the calls sent and not yet answered; further calls
+	// wait for a slot (or their context), so that many goroutines sharing
+	// a client never exceed the server's per-connection cap. Zero means 16,
+	// the server's default.
+	MaxInFlight int
+
 	// Reconnect lets a call after a lost connection connect again. By
 	// default it fails with [ErrConnectionLost]: a socket that reappears at
 	// the same path could belong to someone else, so the safe reaction to
@@ -56,7 +62,8 @@ type Client struct {
 	opts ClientOptions
 	dial func(ctx context.Context) (net.Conn, error)
 
-	connecting sync.Mutex // serialises dial and handshake
+	connecting sync.Mutex    // serialises dial and handshake
+	slots      chan struct{} // one token per call in flight
 
 	mu     sync.Mutex
 	cc     *clientConn // current connection, or nil
@@ -95,7 +102,8 @@ type callResult struct {
 func NewClient(path string, opts ClientOptions) *Client {
 	setDefault(&opts.RequestTimeout, DefaultRequestTimeout)
 	setDefault(&opts.IdleTimeout, DefaultIdleTimeout)
-	c := &Client{path: path, opts: opts, dial: opts.dial}
+	setDefault(&opts.MaxInFlight, DefaultMaxInFlight)
+	c := &Client{path: path, opts: opts, dial: opts.dial, slots: make(chan struct{}, opts.MaxInFlight)}
 	if c.dial == nil {
 		c.dial = func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
@@ -373,6 +381,12 @@ func responseID(raw jsontext.Value) (string, bool) {
 func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Value, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
 	defer cancel()
+	select {
+	case c.slots <- struct{}{}:
+		defer func() { <-c.slots }()
+	case <-ctx.Done():
+		return nil, errorf("%s: waiting for a free slot: %w", op, ctx.Err())
+	}
 
 	ch := make(chan callResult, 1)
 	cc, id, err := c.register(ctx, ch)

@@ -181,9 +181,12 @@ func (p Peer) LogValue() slog.Value {
 //
 // A Token is immutable: its methods return new tokens and never change the
 // receiver, so it is safe to share between goroutines and stores need not
-// copy it. The zero Token has no members and no access token. It formats
-// and logs as a redaction marker (see [Token.String]); [Token.MarshalJSON]
-// gives the full token, refresh token included, for storage.
+// copy it. The zero Token has no members and no access token.
+//
+// A Token keeps its secrets out of logs: it formats and logs as a redaction
+// marker (see [Token.String]), and json.Marshal refuses it (see
+// [Token.MarshalJSON]). [Token.Reveal] gives its JSON, secrets included, to
+// code that stores or sends it on purpose.
 type Token struct {
 	members []member
 }
@@ -301,10 +304,11 @@ func (t *Token) UnmarshalJSON(data []byte) error {
 	return nil
 }
 
-// MarshalJSON returns the whole token as a JSON object, refresh token
-// included; it is meant for stores. The zero Token marshals as {}.
-func (t Token) MarshalJSON() ([]byte, error) {
-	return t.appendJSON(nil, true), nil
+// Reveal returns the whole token as a JSON object, secrets included, for
+// code that stores or sends it on purpose. Never log what it returns. The
+// zero Token reveals as {}.
+func (t Token) Reveal() []byte {
+	return t.appendJSON(nil, true)
 }
 
 // appendJSON appends the token object to dst, with or without its refresh
@@ -370,7 +374,7 @@ func (t Token) Expiry() (time.Time, bool) {
 		return time.Time{}, false
 	}
 	secs, err := strconv.ParseFloat(string(v), 64)
-	if err != nil || math.IsInf(secs, 0) || math.Abs(secs) > 1<<62/1e9 {
+	if err != nil || math.IsInf(secs, 0) || math.Abs(secs) >= 1<<62 {
 		return time.Time{}, false
 	}
 	whole, frac := math.Modf(secs)

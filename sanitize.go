@@ -1,6 +1,7 @@
 package credproxy
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -67,8 +68,20 @@ func (t Token) Format(f fmt.State, verb rune) { formatRedacted(f, verb, t.GoStri
 // LogValue logs a redaction marker, so slog.Any("token", t) is safe.
 func (t Token) LogValue() slog.Value { return slog.StringValue(redacted) }
 
+// MarshalJSON fails, so that a token cannot reach a log or a file through
+// encoding/json, or slog's JSON handler, by accident: a struct holding a
+// Token does not marshal. Use [Token.Reveal] to store a token. (slog's
+// JSON handler writes the error text in place of the value.)
+func (t Token) MarshalJSON() ([]byte, error) { return nil, errImplicitMarshal }
+
+var errImplicitMarshal = errors.New("credproxy: secrets are not marshalled implicitly, to keep them out of logs; use Token.Reveal or string(secret)")
+
 // String returns a redaction marker, never the secret.
 func (s Secret) String() string { return redacted }
+
+// MarshalJSON fails, as [Token.MarshalJSON] does; use string(s) to put the
+// secret into JSON on purpose.
+func (s Secret) MarshalJSON() ([]byte, error) { return nil, errImplicitMarshal }
 
 // GoString returns a redaction marker, so %#v does not print the secret.
 func (s Secret) GoString() string { return "credproxy.Secret(" + redacted + ")" }
@@ -88,16 +101,18 @@ func formatRedacted(f fmt.State, verb rune, goSyntax string) {
 }
 
 // minSecretRun is the length from which redact treats a run of
-// token-alphabet characters as a secret. Access tokens, refresh tokens, API
-// keys and JWT segments are longer; the socket file names, paths and error
-// words that make logs useful are shorter or broken up by '/' and '.'.
-const minSecretRun = 32
+// token-alphabet characters as a secret when it also has a digit or both
+// cases of letters, as random strings do. Access tokens, refresh tokens,
+// API keys and JWT segments are that long; the words, item names and
+// paths that make a log useful are shorter, lack digits and mixed case, or
+// are broken up by '/', '.' and spaces.
+const minSecretRun = 20
 
 // redact prepares text that may contain secrets, such as a store's or a
 // provider's error message, for the host's log. It replaces each of the
-// given secrets, and any run of minSecretRun or more characters from the
-// token alphabet [A-Za-z0-9_+=-], with a redaction marker. Such text never
-// crosses the socket whatever redact makes of it.
+// given secrets, and each secret-looking run of characters from the token
+// alphabet [A-Za-z0-9_+=-] (see minSecretRun), with a redaction marker.
+// Such text never crosses the socket whatever redact makes of it.
 func redact(text string, secrets ...string) string {
 	for _, s := range secrets {
 		if s != "" {
@@ -105,24 +120,36 @@ func redact(text string, secrets ...string) string {
 		}
 	}
 	var b strings.Builder
-	run := 0
+	start := 0
 	for i := 0; i <= len(text); i++ {
 		if i < len(text) && isTokenAlphabet(text[i]) {
-			run++
 			continue
 		}
-		start := i - run
-		if run >= minSecretRun {
+		if run := text[start:i]; looksSecret(run) {
 			b.WriteString(redacted)
 		} else {
-			b.WriteString(text[start:i])
+			b.WriteString(run)
 		}
 		if i < len(text) {
 			b.WriteByte(text[i])
 		}
-		run = 0
+		start = i + 1
 	}
 	return b.String()
+}
+
+func looksSecret(run string) bool {
+	if len(run) < minSecretRun {
+		return false
+	}
+	var digit, lower, upper bool
+	for i := 0; i < len(run); i++ {
+		c := run[i]
+		digit = digit || '0' <= c && c <= '9'
+		lower = lower || 'a' <= c && c <= 'z'
+		upper = upper || 'A' <= c && c <= 'Z'
+	}
+	return digit || lower && upper
 }
 
 func isTokenAlphabet(c byte) bool {

@@ -442,13 +442,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // called more than once, and before Serve.
 func (s *Server) Close() error {
 	s.inShutdown.Store(true)
-	s.cancel()
 	s.mu.Lock()
 	err := s.closeListenersLocked()
 	for c := range s.conns {
 		c.rwc.Close()
 	}
 	s.mu.Unlock()
+	// Cancel after closing, so that no answer to a cancelled request
+	// reaches a peer: its connection is already gone.
+	s.cancel()
 	s.wg.Wait()
 	return err
 }
@@ -635,10 +637,7 @@ func (c *conn) handle(frame []byte) {
 		c.writeFailure(req.id, &protoError{code: CodeResourceExhausted, msg: "too many requests in flight"}, 0)
 		return
 	}
-	c.handlers.Go(func() {
-		defer c.inFlight.Add(-1)
-		c.srv.serveRequest(c, req.id, op, a)
-	})
+	c.handlers.Go(func() { c.srv.serveRequest(c, req.id, op, a) })
 }
 
 // writeFailure writes a failure response.
@@ -699,8 +698,8 @@ type result struct {
 
 func failure(code Code, msg string) result { return result{fail: &protoError{code: code, msg: msg}} }
 
-// serveRequest runs an allowed, validated request against the policy and
-// the store, writes the response and logs it.
+// serveRequest runs a validated request against the policy and the store,
+// logs it, releases its in-flight slot and writes the response.
 func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(s.baseCtx, s.opts.StoreTimeout)
@@ -712,7 +711,8 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
 	// after the envelope's opening, and a failure starts the frame over.
 	res := s.exec(ctx, c.peer, op, a, appendOKStart(startFrame((*buf)[:0]), id))
 	if res.fail == nil && ctx.Err() != nil {
-		// The store answered after its deadline (R8: 15 s).
+		// The store answered after its deadline (15 s), or the server is
+		// closing: the answer may be stale or partial.
 		res = failure(CodeInternalError, "credential store timed out")
 	}
 	if res.fail == nil && len(res.data)+1-frameHeaderLen > MaxFrameSize {
@@ -726,8 +726,8 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
 		frame = appendFailure(startFrame((*buf)[:0]), id, res.fail.code, res.fail.msg, 0)
 	}
 	*buf = frame
-	c.writeFramed(frame)
-
+	// The audit record is written before the response, so that it exists
+	// by the time the peer can act on the answer.
 	if s.log.Enabled(ctx, slog.LevelDebug) {
 		code := "OK"
 		if res.fail != nil {
@@ -738,6 +738,10 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
 			slog.String("key", a.name), slog.Any("peer", c.peer), slog.String("code", code),
 			slog.Duration("duration", time.Since(start)))
 	}
+	// The slot is free before the peer can see the answer, so a client
+	// that keeps 16 requests outstanding never meets RESOURCE_EXHAUSTED.
+	c.inFlight.Add(-1)
+	c.writeFramed(frame)
 }
 
 // exec performs op and appends its data object to dst.
@@ -890,7 +894,7 @@ func (s *Server) storeFailure(ctx context.Context, op Op, a args, err error, not
 		return failure(CodeNotFound, notFound)
 	}
 	s.logStoreError(op, a, err)
-	if ctx.Err() != nil {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		return failure(CodeInternalError, "credential store timed out")
 	}
 	return failure(CodeInternalError, "credential store error")

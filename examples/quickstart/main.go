@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"time"
@@ -24,12 +25,12 @@ const demoToken = `{
 }`
 
 func main() {
-	if err := run(); err != nil {
+	if err := run(os.Stdout); err != nil {
 		log.Fatal("quickstart: ", err)
 	}
 }
 
-func run() error {
+func run(out io.Writer) error {
 	ctx := context.Background()
 
 	// Host side: a store, a server, a private socket.
@@ -58,8 +59,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("host:    serving on %s (mode %v)\n", path, fi.Mode())
-	fmt.Printf("host:    a launcher would now start the sandbox with %s=%s\n", credproxy.SocketEnv, path)
+	fmt.Fprintf(out, "host:    serving on %s (mode %v)\n", path, fi.Mode())
+	fmt.Fprintf(out, "host:    a launcher would now start the sandbox with %s=%s\n", credproxy.SocketEnv, path)
 
 	// Sandbox side: a client on the socket.
 	client := credproxy.NewClient(path, credproxy.ClientOptions{})
@@ -68,16 +69,12 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	wire, err := got.MarshalJSON()
-	if err != nil {
-		return err
-	}
-	fmt.Printf("sandbox: get_token anthropic -> %s\n", wire)
+	fmt.Fprintf(out, "sandbox: get_token anthropic -> %s\n", got.Reveal())
 	key, err := client.GetAPIKey(ctx, "openai")
 	if err != nil {
 		return err
 	}
-	fmt.Printf("sandbox: get_api_key openai  -> %s\n", string(key))
+	fmt.Fprintf(out, "sandbox: get_api_key openai  -> %s\n", string(key))
 
 	stored, err := store.GetToken(ctx, "anthropic", "")
 	if err != nil {
@@ -86,7 +83,7 @@ func run() error {
 	if got.RefreshToken() != "" || stored.RefreshToken() == "" {
 		return fmt.Errorf("refresh token handling is broken")
 	}
-	fmt.Println("result:  the refresh token did not cross the socket: the sandbox's token has no refresh_token; the host's store still has it")
+	fmt.Fprintln(out, "result:  the refresh token did not cross the socket: the sandbox's token has no refresh_token; the host's store still has it")
 
 	shutdownCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -94,7 +91,7 @@ func run() error {
 		return err
 	}
 	if _, err := os.Stat(path); os.IsNotExist(err) {
-		fmt.Println("host:    shut down; socket removed")
+		fmt.Fprintln(out, "host:    shut down; socket removed")
 	}
 	return nil
 }
