@@ -187,6 +187,7 @@ type RemoteError struct {
 	RetryAfter time.Duration
 }
 
+// Error returns "credproxy: <op>: <message> (<code>)".
 func (e *RemoteError) Error() string {
 	return "credproxy: " + string(e.Op) + ": " + e.Message + " (" + string(e.Code) + ")"
 }

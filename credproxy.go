@@ -277,6 +277,7 @@ type TokenError struct {
 	reason string
 }
 
+// Error returns "credproxy: invalid token: <reason>".
 func (e *TokenError) Error() string { return "credproxy: invalid token: " + e.reason }
 
 // Is reports whether target is [ErrInvalidRequest]: a token the server
