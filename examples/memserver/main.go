@@ -110,6 +110,22 @@ func run() error {
 	return nil
 }
 
+// safeJSONError describes a parse error of the credentials file without
+// the json package's own text, which can quote a value, a secret perhaps.
+func safeJSONError(err error) string {
+	var terr *credproxy.TokenError
+	var serr *json.SemanticError
+	switch {
+	case errors.As(err, &serr) && errors.As(err, &terr):
+		return fmt.Sprintf("%v (at %s)", terr, serr.JSONPointer)
+	case errors.As(err, &serr) && errors.Is(err, json.ErrUnknownName):
+		return fmt.Sprintf("unknown member at %s; the format is {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:VALUE}}", serr.JSONPointer)
+	case errors.As(err, &serr):
+		return fmt.Sprintf("invalid value at %s", serr.JSONPointer)
+	}
+	return "malformed JSON"
+}
+
 func load(store *credproxy.MemoryStore, path string) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -117,7 +133,7 @@ func load(store *credproxy.MemoryStore, path string) error {
 	}
 	var f credentialsFile
 	if err := json.Unmarshal(data, &f, json.RejectUnknownMembers(true)); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+		return fmt.Errorf("%s: %s", path, safeJSONError(err))
 	}
 	ctx := context.Background()
 	for provider, buckets := range f.Tokens {
