@@ -186,6 +186,17 @@ func (r *rawConn) handshake() {
 	}
 }
 
+// expectServing checks that the connection is open and in sync: a request
+// sent now gets its own answer next. (The stores the tests use hold an
+// API key called openai.)
+func (r *rawConn) expectServing(id string) {
+	r.t.Helper()
+	r.send(`{"v":1,"id":"` + id + `","op":"has_api_key","payload":{"name":"openai"}}`)
+	if got, want := r.recv(), `{"id":"`+id+`","ok":true,"data":{"exists":true}}`; got != want {
+		r.t.Fatalf("probe %s: got %s, want %s", id, got, want)
+	}
+}
+
 // expectClosed checks that the server closes the connection with nothing
 // more to read.
 func (r *rawConn) expectClosed() {
