@@ -103,11 +103,11 @@ func mustToken(t testing.TB, js string) Token {
 	return tok
 }
 
-// storeWith returns a MemoryStore holding the given tokens (keyed
-// "provider/bucket") and API keys.
-func storeWith(t testing.TB, tokens map[string]string, keys map[string]string) *MemoryStore {
+// storeWith returns a new test store (see newTestStore) holding the given
+// tokens (keyed "provider/bucket") and API keys.
+func storeWith(t testing.TB, tokens map[string]string, keys map[string]string) Store {
 	t.Helper()
-	st := NewMemoryStore()
+	st := newTestStore(t)
 	ctx := context.Background()
 	for pb, js := range tokens {
 		provider, bucket, _ := strings.Cut(pb, "/")
@@ -264,24 +264,24 @@ func (brokenStore) SaveAPIKey(context.Context, string, Secret) error       { ret
 func (brokenStore) RemoveAPIKey(context.Context, string) error             { return errBackend }
 func (brokenStore) ListAPIKeys(context.Context) ([]string, error)          { return nil, errBackend }
 
-// gatedStore is a MemoryStore whose token reads wait until the gate opens
-// or their context ends, like a keyring waiting for the user to unlock it.
+// gatedStore is a Store whose token reads wait until the gate opens or
+// their context ends, like a keyring waiting for the user to unlock it.
 // entered receives a value each time a read starts waiting.
 type gatedStore struct {
-	*MemoryStore
+	Store
 	gate    chan struct{}
 	entered chan struct{}
 }
 
-func newGatedStore(st *MemoryStore) *gatedStore {
-	return &gatedStore{MemoryStore: st, gate: make(chan struct{}), entered: make(chan struct{}, 100)}
+func newGatedStore(st Store) *gatedStore {
+	return &gatedStore{Store: st, gate: make(chan struct{}), entered: make(chan struct{}, 100)}
 }
 
 func (g *gatedStore) GetToken(ctx context.Context, provider, bucket string) (Token, error) {
 	g.entered <- struct{}{}
 	select {
 	case <-g.gate:
-		return g.MemoryStore.GetToken(ctx, provider, bucket)
+		return g.Store.GetToken(ctx, provider, bucket)
 	case <-ctx.Done():
 		return Token{}, ctx.Err()
 	}

@@ -21,6 +21,9 @@ func TestMain(m *testing.M) {
 	if path := os.Getenv("CREDPROXY_TEST_PEER_SOCKET"); path != "" {
 		os.Exit(runPeerHelper(path))
 	}
+	if job := os.Getenv("CREDPROXY_TEST_STORE_HELPER"); job != "" {
+		os.Exit(runStoreHelper(job, os.Getenv("CREDPROXY_TEST_STORE_DIR")))
+	}
 	code := m.Run()
 	if code == 0 {
 		if leaked := leakedGoroutines(5 * time.Second); leaked != "" {

@@ -211,7 +211,7 @@ func ListenPath(path string) (*net.UnixListener, error) {
 		return nil, errorf("socket path %s is %d bytes, over the %d-byte limit of %s sockets; choose a shorter directory",
 			path, len(path), maxSocketPathLen, runtime.GOOS)
 	}
-	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
+	if err := ensurePrivateDir(filepath.Dir(path), "socket directory"); err != nil {
 		return nil, err
 	}
 	if _, err := os.Lstat(path); err == nil {
@@ -235,28 +235,29 @@ func ListenPath(path string) (*net.UnixListener, error) {
 }
 
 // ensurePrivateDir creates dir with mode 0700, or checks that the existing
-// dir is a real directory that only the effective uid can use (R3.2).
-func ensurePrivateDir(dir string) error {
+// dir is a real directory that only the effective uid can use (R3.2). what
+// names the directory in errors.
+func ensurePrivateDir(dir, what string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return errorf("create socket directory: %w", err)
+		return errorf("create %s: %w", what, err)
 	}
 	fi, err := os.Lstat(dir)
 	if err != nil {
-		return errorf("socket directory: %w", err)
+		return errorf("%s: %w", what, err)
 	}
 	switch {
 	case fi.Mode()&os.ModeSymlink != 0:
-		return errorf("socket directory %s is a symbolic link; remove it, or choose another directory", dir)
+		return errorf("%s %s is a symbolic link; remove it, or choose another directory", what, dir)
 	case !fi.IsDir():
-		return errorf("socket directory %s is not a directory; remove it, or choose another directory", dir)
+		return errorf("%s %s is not a directory; remove it, or choose another directory", what, dir)
 	}
 	if uid, ok := fileOwner(fi); ok && uid != os.Geteuid() {
-		return errorf("socket directory %s is owned by uid %d, not by this process's uid %d; remove it, or choose another directory",
-			dir, uid, os.Geteuid())
+		return errorf("%s %s is owned by uid %d, not by this process's uid %d; remove it, or choose another directory",
+			what, dir, uid, os.Geteuid())
 	}
 	if runtime.GOOS != "windows" && fi.Mode().Perm()&0o077 != 0 {
-		return errorf("socket directory %s has mode %#o, open to group or others; run chmod 700 on it, or choose another directory",
-			dir, fi.Mode().Perm())
+		return errorf("%s %s has mode %#o, open to group or others; run chmod 700 on it, or choose another directory",
+			what, dir, fi.Mode().Perm())
 	}
 	return nil
 }
@@ -766,7 +767,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		return result{data: append(dst, "{}"...)}
 
 	case OpRemoveToken:
-		unlock, err := s.locks.lock(ctx, lockKey(a.provider, a.bucket))
+		unlock, err := s.lockToken(ctx, a.provider, a.bucket)
 		if err != nil {
 			return s.storeFailure(ctx, op, a, err, "")
 		}
@@ -839,7 +840,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 // the incoming refresh token is dropped and the stored one kept.
 func (s *Server) saveToken(ctx context.Context, provider, bucket string, token Token) error {
 	incoming := token.WithoutRefreshToken()
-	unlock, err := s.locks.lock(ctx, lockKey(provider, bucket))
+	unlock, err := s.lockToken(ctx, provider, bucket)
 	if err != nil {
 		return err
 	}
@@ -854,7 +855,25 @@ func (s *Server) saveToken(ctx context.Context, provider, bucket string, token T
 	return s.opts.Store.SaveToken(ctx, provider, bucket, stored.Merge(incoming))
 }
 
-func lockKey(provider, bucket string) string { return provider + ":" + bucket }
+// lockToken takes the per-key lock of provider and bucket: the server's
+// own, and then the store's cross-process one if it offers one
+// ([TokenLocker]). The returned function releases both.
+func (s *Server) lockToken(ctx context.Context, provider, bucket string) (unlock func(), err error) {
+	unlockOwn, err := s.locks.lock(ctx, provider+":"+bucket)
+	if err != nil {
+		return nil, err
+	}
+	locker, ok := s.opts.Store.(TokenLocker)
+	if !ok {
+		return unlockOwn, nil
+	}
+	unlockStore, err := locker.LockToken(ctx, provider, bucket)
+	if err != nil {
+		unlockOwn()
+		return nil, err
+	}
+	return func() { unlockStore(); unlockOwn() }, nil
+}
 
 // filter returns the sorted names the policy allows, asking once per name
 // with set filling the name into a copy of req (R21.3).

@@ -32,7 +32,7 @@ const anthropicTokenSanitised = `{"access_token":"` + fakeAccess + `",` +
 	`"expiry":9999999999,"token_type":"Bearer","scope":null,"account_id":"acct-42",` +
 	`"big":12345678901234567890,"ratio":1.50,"nested":{"a":[1,2.0,"x"]},"name":"Zoë"}`
 
-func defaultStore(t testing.TB) *MemoryStore {
+func defaultStore(t testing.TB) Store {
 	return storeWith(t, map[string]string{
 		"anthropic/default": anthropicToken,
 		"anthropic/work":    `{"access_token":"work-access","refresh_token":"work-refresh"}`,

@@ -2,7 +2,9 @@ package credproxy
 
 import (
 	"context"
+	"io"
 	"maps"
+	"os"
 	"slices"
 	"sync"
 )
@@ -37,6 +39,46 @@ type Store interface {
 	SaveAPIKey(ctx context.Context, name string, key Secret) error
 	RemoveAPIKey(ctx context.Context, name string) error
 	ListAPIKeys(ctx context.Context) ([]string, error)
+}
+
+// StoreCloser is a [Store] that holds resources until it is closed, as the
+// stores [OpenStore] returns do.
+type StoreCloser interface {
+	Store
+	io.Closer
+}
+
+// OpenStore returns the store this process should use, so that code that
+// runs both on the host and in a sandbox never needs to know which it is
+// in (R2):
+//
+//   - When the environment variable [SocketEnv] is set (in a sandbox), a
+//     [*Client] of the credential proxy at that path, connected and past the
+//     handshake. If it cannot connect, OpenStore fails; it never falls back
+//     to a keyring the sandbox should not have. Writes the protocol does not
+//     offer fail: API-key writes with [ErrHostOnly] ("API key management is
+//     not available in sandbox mode; manage keys on the host"), and a saved
+//     token's refresh token is dropped by the server.
+//   - Otherwise (on the host), the [*KeyringStore] that [OpenKeyringStore]
+//     opens with zero [KeyringOptions]: the backend named by
+//     [KeyringBackendEnv] or the encrypted file store, in
+//     [DefaultKeyringDir].
+//
+// The caller closes the store when done with it.
+func OpenStore(ctx context.Context) (StoreCloser, error) {
+	// Each branch returns a nil interface on error, not a nil pointer in one.
+	if path := os.Getenv(SocketEnv); path != "" {
+		c, err := Dial(ctx, path, ClientOptions{})
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	st, err := OpenKeyringStore(KeyringOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
 }
 
 // MemoryStore is a [Store] that keeps credentials in memory. It is a

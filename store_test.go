@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -102,12 +103,52 @@ func testStoreConformance(t *testing.T, newStore func(t *testing.T) Store) {
 			t.Errorf("SaveToken with bucket b:c = %v", err)
 		}
 	})
+	t.Run("names cannot collide or escape", func(t *testing.T) {
+		st := newStore(t)
+		long := strings.Repeat("n", 64)
+		items := [][2]string{{"a.b", "c"}, {"a", "b.c"}, {"..", "."}, {".", ".."}, {long, long}, {"x@y-z_", "default"}}
+		for i, pb := range items {
+			if err := st.SaveToken(ctx, pb[0], pb[1], mustToken(t, fmt.Sprintf(`{"access_token":"t%d"}`, i))); err != nil {
+				t.Fatalf("SaveToken(%q, %q) = %v", pb[0], pb[1], err)
+			}
+		}
+		if err := st.SaveAPIKey(ctx, "a", "key-a"); err != nil {
+			t.Fatal(err)
+		}
+		for i, pb := range items {
+			if got, err := st.GetToken(ctx, pb[0], pb[1]); err != nil || string(got.AccessToken()) != fmt.Sprintf("t%d", i) {
+				t.Errorf("GetToken(%q, %q) = %q, %v; want t%d", pb[0], pb[1], string(got.AccessToken()), err, i)
+			}
+		}
+		sorted := func(names []string, err error) []string {
+			if err != nil {
+				t.Fatal(err)
+			}
+			slices.Sort(names)
+			return names
+		}
+		if got, want := sorted(st.ListProviders(ctx)), []string{".", "..", "a", "a.b", long, "x@y-z_"}; !slices.Equal(got, want) {
+			t.Errorf("ListProviders = %q, want %q", got, want)
+		}
+		if got := sorted(st.ListBuckets(ctx, "a")); !slices.Equal(got, []string{"b.c"}) {
+			t.Errorf("ListBuckets(a) = %q", got)
+		}
+		if got := sorted(st.ListAPIKeys(ctx)); !slices.Equal(got, []string{"a"}) {
+			t.Errorf("ListAPIKeys = %q: a token showed up as a key", got)
+		}
+		if got, err := st.GetAPIKey(ctx, "a"); err != nil || got != "key-a" {
+			t.Errorf("GetAPIKey(a) = %v", err)
+		}
+		if err := st.SaveAPIKey(ctx, strings.Repeat("n", 65), "v"); !errors.Is(err, ErrInvalidRequest) {
+			t.Errorf("SaveAPIKey with a 65-character name = %v", err)
+		}
+	})
 	t.Run("concurrent writers", func(t *testing.T) {
 		st := newStore(t)
 		var wg sync.WaitGroup
 		for i := range 8 {
 			wg.Go(func() {
-				for j := range 20 {
+				for j := range 10 {
 					st.SaveToken(ctx, fmt.Sprintf("p%d", i), "", mustToken(t, fmt.Sprintf(`{"access_token":"%d-%d"}`, i, j)))
 					st.SaveToken(ctx, "shared", "", mustToken(t, fmt.Sprintf(`{"access_token":"%d-%d"}`, i, j)))
 					st.GetToken(ctx, "shared", "")
@@ -117,11 +158,11 @@ func testStoreConformance(t *testing.T, newStore func(t *testing.T) Store) {
 		}
 		wg.Wait()
 		for i := range 8 {
-			if got, err := st.GetToken(ctx, fmt.Sprintf("p%d", i), ""); err != nil || string(got.AccessToken()) != fmt.Sprintf("%d-19", i) {
+			if got, err := st.GetToken(ctx, fmt.Sprintf("p%d", i), ""); err != nil || string(got.AccessToken()) != fmt.Sprintf("%d-9", i) {
 				t.Errorf("p%d = %q, %v", i, string(got.AccessToken()), err)
 			}
 		}
-		if got, err := st.GetToken(ctx, "shared", ""); err != nil || !slices.Contains([]string{"0-19", "1-19", "2-19", "3-19", "4-19", "5-19", "6-19", "7-19"}, string(got.AccessToken())) {
+		if got, err := st.GetToken(ctx, "shared", ""); err != nil || !slices.Contains([]string{"0-9", "1-9", "2-9", "3-9", "4-9", "5-9", "6-9", "7-9"}, string(got.AccessToken())) {
 			t.Errorf("shared = %q, %v: not one writer's last token", string(got.AccessToken()), err)
 		}
 	})
