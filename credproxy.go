@@ -12,6 +12,12 @@
 // [Server.Serve] it; inside the sandbox call [NewClientFromEnv]. The examples
 // (ExampleNewServer, examples/quickstart) are the quickest way in.
 //
+// Hosts keep real credentials in a [KeyringStore] ([OpenKeyringStore]): the
+// OS keyring, or by default an encrypted file store that works on any
+// machine. Code that runs both on the host and in a sandbox can call
+// [OpenStore], which returns the keyring store on the host and a connected
+// [Client] in the sandbox.
+//
 // The wire protocol (framed JSON, version 1) is described in PROTOCOL.md and
 // is compatible with the TypeScript implementation in the llxprt-code project.
 //
