@@ -36,9 +36,10 @@ type KeyringOptions struct {
 	//
 	//   - "file": files encrypted with a password (JWE, PBES2 and
 	//     AES-256-GCM) in Dir. Works on any machine, with no desktop.
-	//   - "auto": the first that opens of "keychain" (macOS), "wincred"
-	//     (Windows), "secret-service" (Linux, when a D-Bus session bus was
-	//     reachable as the program started), then "file".
+	//   - "auto": the first of "keychain" (macOS), "wincred" (Windows) and
+	//     "secret-service" (Linux, when a D-Bus session bus was reachable as
+	//     the program started) that can store and read back an item; else
+	//     "file".
 	//   - "keychain", "wincred", "secret-service", "kwallet": the desktop
 	//     keyrings. Secret Service uses the collection "login" unless
 	//     Keyring.LibSecretCollectionName says otherwise; the collection

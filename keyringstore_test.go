@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/99designs/keyring"
@@ -746,4 +747,80 @@ func TestKeyringStoreRefusesOpenDirectory(t *testing.T) {
 	if _, err := OpenKeyringStore(KeyringOptions{Backend: "gnome", Dir: storeDir(t)}); err == nil || !strings.Contains(err.Error(), "unknown keyring backend") {
 		t.Fatalf("unknown backend = %v", err)
 	}
+}
+
+// The file store's cost per call: dominated by the key derivation of each
+// item (PBES2, 8192 rounds of HMAC-SHA256) and, for saves, two fsyncs.
+func BenchmarkKeyringFileStore(b *testing.B) {
+	st := openFileStore(b, storeDir(b))
+	ctx := context.Background()
+	tok := counterToken(1)
+	b.Run("SaveToken", func(b *testing.B) {
+		for b.Loop() {
+			if err := st.SaveToken(ctx, "p", "", tok); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("GetToken", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := st.GetToken(ctx, "p", ""); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("LockToken", func(b *testing.B) {
+		for b.Loop() {
+			unlock, err := st.LockToken(ctx, "p", "")
+			if err != nil {
+				b.Fatal(err)
+			}
+			unlock()
+		}
+	})
+}
+
+// hungKeyring is a keyring backend that never answers until released,
+// like a Secret Service waiting on an unlock prompt nobody sees.
+type hungKeyring struct {
+	keyring.Keyring // nil: any other method would panic
+	release         chan struct{}
+}
+
+func (h hungKeyring) Get(string) (keyring.Item, error) {
+	<-h.release
+	return keyring.Item{}, keyring.ErrKeyNotFound
+}
+
+// Store contract: reads honour ctx even when the backend hangs. A read
+// returns at its deadline, and so does a read queued behind it.
+func TestKeyringStoreReadReturnsWhenBackendHangs(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		st := &KeyringStore{ring: hungKeyring{release: release}, backend: "secret-service", service: "credproxy",
+			calls: make(chan struct{}, 1)}
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		start := time.Now()
+		errs := make(chan error, 2)
+		for range 2 {
+			go func() {
+				_, err := st.GetToken(ctx, "p", "")
+				errs <- err
+			}()
+		}
+		for range 2 {
+			if err := <-errs; !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("GetToken on a hung backend = %v", err)
+			}
+		}
+		if waited := time.Since(start); waited != 15*time.Second {
+			t.Errorf("GetToken returned after %v, want the 15s deadline", waited)
+		}
+		close(release) // the abandoned call finishes and frees the backend
+		synctest.Wait()
+		if _, err := st.GetToken(context.Background(), "p", ""); !errors.Is(err, ErrNotFound) {
+			t.Errorf("GetToken once the backend answers = %v", err)
+		}
+	})
 }
