@@ -503,15 +503,33 @@ func quote(s string) []byte {
 // bucket), without its refresh token. An absent token is an error matching
 // [ErrNotFound].
 func (c *Client) GetToken(ctx context.Context, provider, bucket string) (Token, error) {
-	data, err := c.call(ctx, OpGetToken, tokenPayload(provider, bucket))
+	return c.token(ctx, OpGetToken, provider, bucket)
+}
+
+// token runs op, get_token or refresh_token, and returns its token.
+func (c *Client) token(ctx context.Context, op Op, provider, bucket string) (Token, error) {
+	data, err := c.call(ctx, op, tokenPayload(provider, bucket))
 	if err != nil {
 		return Token{}, err
 	}
 	tok, err := ParseToken(data)
 	if err != nil {
-		return Token{}, errorf("get_token: malformed token from server: %w", ErrInternal)
+		return Token{}, errorf("%s: malformed token from server: %w", op, ErrInternal)
 	}
 	return tok.WithoutRefreshToken(), nil
+}
+
+// RefreshToken asks the host to refresh the token of provider and bucket
+// ("" for the default bucket) and returns the new token, without its
+// refresh token, which stays on the host. If the stored token is still
+// valid for over a minute (someone refreshed it meanwhile), the host
+// returns it without asking the provider. Failures match [ErrNotFound],
+// [ErrProviderNotFound] (the host cannot refresh this provider),
+// [ErrRefreshNotAvailable] and [ErrReauthRequired] (the user must log in
+// again on the host), and [ErrRateLimited] (refreshed moments ago; see
+// [RemoteError].RetryAfter).
+func (c *Client) RefreshToken(ctx context.Context, provider, bucket string) (Token, error) {
+	return c.token(ctx, OpRefreshToken, provider, bucket)
 }
 
 // SaveToken asks the host to merge token into the stored token of provider

@@ -16,7 +16,8 @@
 // OS keyring, or by default an encrypted file store that works on any
 // machine. Code that runs both on the host and in a sandbox can call
 // [OpenStore], which returns the keyring store on the host and a connected
-// [Client] in the sandbox.
+// [Client] in the sandbox. The host refreshes tokens for the sandbox with a
+// [Refresher] per provider ([Options.Refreshers], [OAuth2Refresher]).
 //
 // The wire protocol (framed JSON, version 1) is described in PROTOCOL.md and
 // is compatible with the TypeScript implementation in the llxprt-code project.

@@ -84,6 +84,25 @@ type Options struct {
 	// WriteTimeout bounds the write of one response; a peer that does not
 	// read its responses is disconnected after it. Zero means 10s.
 	WriteTimeout time.Duration
+
+	// Refreshers renew tokens on the host, by provider name (see
+	// [Refresher]): they serve refresh_token, the refresh before get_token
+	// (RefreshMargin) and proactive renewal. A provider with none gets
+	// PROVIDER_NOT_FOUND on refresh_token. NewServer copies the map.
+	Refreshers map[string]Refresher
+
+	// RefreshMargin: get_token refreshes a token that expires within this
+	// margin before serving it, if it can be refreshed; if the refresh
+	// fails, the stored token is served. Zero means 60s; negative turns it
+	// off.
+	RefreshMargin time.Duration
+
+	// DisableRenewal turns off proactive renewal (R16). By default, once
+	// get_token has served a token that can be refreshed, the server
+	// renews it shortly before it expires (at expiry - max(5 min, 10% of
+	// its lifetime) - up to 30 s of jitter) and again after each renewal,
+	// until Shutdown or Close. Nothing about it is persisted.
+	DisableRenewal bool
 }
 
 // Server serves a [Store] over the credproxy protocol. Its lifecycle
@@ -99,6 +118,7 @@ type Server struct {
 	cancel   context.CancelFunc
 	locks    keyedMutex
 	warnOnce sync.Once
+	refresh  *coordinator
 
 	inShutdown atomic.Bool
 
@@ -142,9 +162,10 @@ func NewServer(opts Options) (*Server, error) {
 	setDefault(&opts.FrameTimeout, DefaultFrameTimeout)
 	setDefault(&opts.StoreTimeout, DefaultStoreTimeout)
 	setDefault(&opts.WriteTimeout, DefaultWriteTimeout)
+	setDefault(&opts.RefreshMargin, refreshFreshFor)
 
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Server{
+	s := &Server{
 		opts:      opts,
 		log:       logger,
 		euid:      os.Geteuid(),
@@ -152,7 +173,10 @@ func NewServer(opts Options) (*Server, error) {
 		cancel:    cancel,
 		listeners: make(map[*net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
-	}, nil
+	}
+	s.refresh = newCoordinator(s, opts.Refreshers)
+	s.opts.Refreshers = nil // the coordinator holds the copy
+	return s, nil
 }
 
 func setDefault[T int | time.Duration](v *T, def T) {
@@ -428,6 +452,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 		s.cancel()
+		s.refresh.close()
 		return err
 	case <-ctx.Done():
 		s.Close()
@@ -453,6 +478,7 @@ func (s *Server) Close() error {
 	// reaches a peer: its connection is already gone.
 	s.cancel()
 	s.wg.Wait()
+	s.refresh.close()
 	return err
 }
 
@@ -693,8 +719,9 @@ func putBuffer(b *[]byte) {
 // result is the outcome of one request: the response buffer with the data
 // object appended on success, or a failure.
 type result struct {
-	data []byte
-	fail *protoError
+	data       []byte
+	fail       *protoError
+	retryAfter int // seconds, for RATE_LIMITED
 }
 
 func failure(code Code, msg string) result { return result{fail: &protoError{code: code, msg: msg}} }
@@ -724,7 +751,7 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
 	if res.fail == nil {
 		frame = append(res.data, '}')
 	} else {
-		frame = appendFailure(startFrame((*buf)[:0]), id, res.fail.code, res.fail.msg, 0)
+		frame = appendFailure(startFrame((*buf)[:0]), id, res.fail.code, res.fail.msg, res.retryAfter)
 	}
 	*buf = frame
 	// The audit record is written before the response, so that it exists
@@ -758,6 +785,15 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		if err != nil {
 			return s.storeFailure(ctx, op, a, err, "token not found")
 		}
+		if s.refresh.due(a.provider, tok) {
+			if fresh, err := s.refresh.refresh(ctx, a.provider, a.bucket, s.opts.RefreshMargin); err == nil {
+				tok = fresh
+			} else {
+				s.log.Debug("credproxy: serving the stored token; refresh before get_token failed",
+					"provider", a.provider, "bucket", a.bucket, "err", err)
+			}
+		}
+		s.refresh.watch(a.provider, a.bucket, tok, false)
 		return result{data: tok.WithoutRefreshToken().appendJSON(dst, false)}
 
 	case OpSaveToken:
@@ -830,8 +866,11 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		return s.storeFailure(ctx, op, a, err, "")
 
 	case OpRefreshToken:
-		// This server has no refreshers, so no provider can be refreshed.
-		return failure(CodeProviderNotFound, "no refresher for this provider")
+		tok, err := s.refresh.refresh(ctx, a.provider, a.bucket, refreshFreshFor)
+		if err != nil {
+			return s.refreshFailure(ctx, op, a, err)
+		}
+		return result{data: tok.WithoutRefreshToken().appendJSON(dst, false)}
 	}
 	return failure(CodeInvalidRequest, "unknown operation")
 }
@@ -891,6 +930,31 @@ func (s *Server) filter(ctx context.Context, req Request, names []string, set fu
 	}
 	slices.Sort(kept)
 	return slices.Compact(kept)
+}
+
+// refreshFailure maps a refresh error to its code and a fixed message; the
+// provider's or store's own text has been logged by the coordinator or is
+// logged here, never sent.
+func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) result {
+	var cool *coolingDown
+	switch {
+	case errors.Is(err, ErrProviderNotFound):
+		return failure(CodeProviderNotFound, "no refresher for this provider")
+	case errors.Is(err, ErrNotFound):
+		return failure(CodeNotFound, "token not found")
+	case errors.Is(err, ErrRefreshNotAvailable):
+		return failure(CodeRefreshNotAvailable, "no refresh token stored; log in again on the host")
+	case errors.Is(err, ErrReauthRequired):
+		return failure(CodeReauthRequired, "the provider rejected the refresh token; log in again on the host")
+	case errors.As(err, &cool):
+		res := failure(CodeRateLimited, "token refreshed moments ago; retry later")
+		res.retryAfter = max(1, int((cool.retryAfter+time.Second-1)/time.Second))
+		return res
+	case errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil:
+		return failure(CodeInternalError, "refresh timed out")
+	}
+	s.logStoreError(op, a, err)
+	return failure(CodeInternalError, "refresh failed")
 }
 
 // denied turns a policy error into UNAUTHORIZED with a message naming the

@@ -1,0 +1,127 @@
+package credproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/go-json-experiment/json/jsontext"
+	"golang.org/x/oauth2"
+)
+
+// OAuth2Refresher is a [Refresher] for providers that speak the standard
+// OAuth 2.0 refresh grant (RFC 6749, section 6), through golang.org/x/oauth2.
+// Its fields are read on every call; do not change them while a server
+// uses it. The zero value is not usable: TokenURL is required.
+type OAuth2Refresher struct {
+	// TokenURL is the provider's token endpoint.
+	TokenURL string
+
+	// ClientID and ClientSecret identify the host's OAuth client. A public
+	// client (an installed CLI, say) has no secret.
+	ClientID     string
+	ClientSecret string
+
+	// AuthStyle says how the client authenticates. The zero value,
+	// oauth2.AuthStyleAutoDetect, is not used as such: golang.org/x/oauth2
+	// then repeats a failed request with the other style, which doubles
+	// the provider calls exactly when a refresh token is being rejected.
+	// Zero means oauth2.AuthStyleInHeader (HTTP Basic, which RFC 6749
+	// requires servers to accept) when there is a ClientSecret, and
+	// oauth2.AuthStyleInParams (client_id in the form) when there is none.
+	AuthStyle oauth2.AuthStyle
+
+	// HTTPClient makes the requests; nil means http.DefaultClient. Each
+	// attempt is bounded by the context the server passes, 30 s.
+	HTTPClient *http.Client
+}
+
+var _ Refresher = (*OAuth2Refresher)(nil)
+
+// Refresh exchanges token's refresh token for a new token. The result has
+// access_token, token_type, expiry (when the provider gave expires_in),
+// refresh_token (the new one if the provider rotated it), and scope and
+// id_token when the provider returned them. Failures wrap [ErrReauthRequired]
+// for invalid_grant or HTTP 401, and [ErrTransient] for network errors,
+// HTTP 5xx and 429; the error text may quote the provider's response and
+// is for the host's log only.
+func (o *OAuth2Refresher) Refresh(ctx context.Context, token Token) (Token, error) {
+	if o.TokenURL == "" {
+		return Token{}, errors.New("credproxy: OAuth2Refresher.TokenURL is empty")
+	}
+	style := o.AuthStyle
+	if style == oauth2.AuthStyleAutoDetect {
+		style = oauth2.AuthStyleInParams
+		if o.ClientSecret != "" {
+			style = oauth2.AuthStyleInHeader
+		}
+	}
+	cfg := oauth2.Config{
+		ClientID:     o.ClientID,
+		ClientSecret: o.ClientSecret,
+		Endpoint:     oauth2.Endpoint{TokenURL: o.TokenURL, AuthStyle: style},
+	}
+	if o.HTTPClient != nil {
+		ctx = context.WithValue(ctx, oauth2.HTTPClient, o.HTTPClient)
+	}
+	// With no access token in it, the source refreshes at once, once.
+	got, err := cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: string(token.RefreshToken())}).Token()
+	if err != nil {
+		return Token{}, classifyOAuth2Error(ctx, err)
+	}
+	return tokenFromOAuth2(got)
+}
+
+// classifyOAuth2Error wraps err with the sentinel its kind calls for.
+func classifyOAuth2Error(ctx context.Context, err error) error {
+	var re *oauth2.RetrieveError
+	if errors.As(err, &re) {
+		status := 0
+		if re.Response != nil {
+			status = re.Response.StatusCode
+		}
+		switch {
+		case re.ErrorCode == "invalid_grant" || status == http.StatusUnauthorized:
+			return fmt.Errorf("%w: %w", ErrReauthRequired, err)
+		case status >= 500 || status == http.StatusTooManyRequests:
+			return fmt.Errorf("%w: %w", ErrTransient, err)
+		}
+		return err
+	}
+	if ctx.Err() != nil {
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrTransient, err) // network
+}
+
+// tokenFromOAuth2 converts an oauth2.Token to a Token.
+func tokenFromOAuth2(t *oauth2.Token) (Token, error) {
+	var b []byte
+	b = append(b, `{"access_token":`...)
+	b, _ = jsontext.AppendQuote(b, t.AccessToken)
+	if t.TokenType != "" {
+		b = append(b, `,"token_type":`...)
+		b, _ = jsontext.AppendQuote(b, t.TokenType)
+	}
+	if !t.Expiry.IsZero() {
+		b = append(b, `,"expiry":`...)
+		b = strconv.AppendInt(b, t.Expiry.Unix(), 10)
+	}
+	if t.RefreshToken != "" {
+		b = append(b, `,"refresh_token":`...)
+		b, _ = jsontext.AppendQuote(b, t.RefreshToken)
+	}
+	for _, name := range []string{"scope", "id_token"} {
+		if v, ok := t.Extra(name).(string); ok {
+			b = append(b, `,"`+name+`":`...)
+			b, _ = jsontext.AppendQuote(b, v)
+		}
+	}
+	tok, err := ParseToken(append(b, '}'))
+	if err != nil {
+		return Token{}, fmt.Errorf("credproxy: token endpoint response: %w", err)
+	}
+	return tok, nil
+}

@@ -1,0 +1,697 @@
+package credproxy
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/go-json-experiment/json"
+)
+
+// tokenEndpoint is a real OAuth2 token endpoint for the tests: it serves
+// the refresh grant (RFC 6749, section 6) for one client, with HTTP Basic
+// client authentication, and rotates refresh tokens: each works once, and
+// using an old one gets invalid_grant, as providers that revoke a reused
+// refresh token do. Like careless providers, its errors quote the refresh
+// token they were sent. All its tokens contain "fake-", and its refresh
+// tokens "fake-refresh".
+type tokenEndpoint struct {
+	mu       sync.Mutex
+	current  string        // the one refresh token that works
+	lifetime time.Duration // expires_in of the tokens it issues
+	issued   int
+	calls    []time.Time
+	used     []string        // refresh tokens presented, in order
+	failWith []int           // statuses for the next calls, one each
+	gate     chan struct{}   // if set, each call waits for it to close
+	entered  chan struct{}   // receives a value as each call starts
+	grant    map[string]bool // refresh tokens that have been exchanged
+}
+
+func newTokenEndpoint(lifetime time.Duration) *tokenEndpoint {
+	return &tokenEndpoint{current: fakeRefresh, lifetime: lifetime, entered: make(chan struct{}, 100), grant: map[string]bool{}}
+}
+
+const (
+	testClientID     = "credproxy-test-client"
+	testClientSecret = "fake-client-secret-CCCC3333"
+)
+
+func (e *tokenEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	e.mu.Lock()
+	e.calls = append(e.calls, time.Now())
+	gate := e.gate
+	e.mu.Unlock()
+	e.entered <- struct{}{}
+	if gate != nil {
+		<-gate
+	}
+	reply := func(status int, body string) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		fmt.Fprint(w, body)
+	}
+	if err := r.ParseForm(); err != nil || r.PostForm.Get("grant_type") != "refresh_token" {
+		reply(400, `{"error":"unsupported_grant_type"}`)
+		return
+	}
+	if r.Header.Get("Authorization") != "Basic "+base64.StdEncoding.EncodeToString([]byte(testClientID+":"+testClientSecret)) {
+		reply(401, `{"error":"invalid_client"}`)
+		return
+	}
+	rt := r.PostForm.Get("refresh_token")
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.used = append(e.used, rt)
+	if len(e.failWith) > 0 {
+		status := e.failWith[0]
+		e.failWith = e.failWith[1:]
+		reply(status, `{"error":"server_error","error_description":"could not refresh `+rt+`"}`)
+		return
+	}
+	if rt != e.current {
+		reply(400, `{"error":"invalid_grant","error_description":"refresh token `+rt+` is not valid"}`)
+		return
+	}
+	e.grant[rt] = true
+	e.issued++
+	e.current = fmt.Sprintf("fake-refresh-rotated-%d-XXXX%d", e.issued, e.issued)
+	reply(200, fmt.Sprintf(`{"access_token":"fake-access-%d","token_type":"Bearer","expires_in":%d,"refresh_token":"%s","scope":"chat"}`,
+		e.issued, int(e.lifetime/time.Second), e.current))
+}
+
+func (e *tokenEndpoint) callCount() int { return len(e.callTimes()) }
+
+// callTimes returns when the calls so far came in.
+func (e *tokenEndpoint) callTimes() []time.Time {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]time.Time(nil), e.calls...)
+}
+
+// failNext forgets past calls and makes the next calls fail with statuses.
+func (e *tokenEndpoint) failNext(statuses ...int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.calls, e.failWith = nil, statuses
+}
+
+// state returns the refresh tokens presented so far and the one that works.
+func (e *tokenEndpoint) state() (used []string, current string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]string(nil), e.used...), e.current
+}
+
+// handlerTransport sends requests to an http.Handler in memory: the
+// endpoint's real code without a network, for synctest bubbles, which
+// cannot hold real sockets.
+type handlerTransport struct{ h http.Handler }
+
+func (t handlerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	rec := httptest.NewRecorder()
+	t.h.ServeHTTP(rec, r)
+	return rec.Result(), nil
+}
+
+// refresherFor returns an OAuth2 refresher for e at url, through client.
+func refresherFor(url string, client *http.Client) *OAuth2Refresher {
+	return &OAuth2Refresher{TokenURL: url, ClientID: testClientID, ClientSecret: testClientSecret, HTTPClient: client}
+}
+
+// expiringToken is a stored token with the endpoint's first refresh token
+// that expires in d (negative: expired).
+func expiringToken(t testing.TB, d time.Duration) Token {
+	return mustToken(t, fmt.Sprintf(`{"access_token":"fake-access-0","refresh_token":"%s","expiry":%d,"account_id":"acct-7"}`,
+		fakeRefresh, time.Now().Add(d).Unix()))
+}
+
+// refreshHarness is a server on a MemoryStore whose provider "anthropic"
+// refreshes at a token endpoint, in a synctest bubble, with a client
+// connected through a pipe.
+type refreshHarness struct {
+	srv      *Server
+	store    *MemoryStore
+	endpoint *tokenEndpoint
+	client   *Client
+	logs     *logBuffer
+}
+
+func newRefreshHarness(t *testing.T, lifetime time.Duration, stored Token, opts Options) *refreshHarness {
+	t.Helper()
+	h := &refreshHarness{store: NewMemoryStore(), endpoint: newTokenEndpoint(lifetime)}
+	if !stored.IsZero() {
+		h.store.SaveToken(context.Background(), "anthropic", "", stored)
+	}
+	opts.Store = h.store
+	opts.Logger, h.logs = debugLogger()
+	opts.RateLimit = -1
+	opts.Refreshers = map[string]Refresher{
+		"anthropic": refresherFor("http://provider.invalid/token", &http.Client{Transport: handlerTransport{h.endpoint}}),
+	}
+	srv, connect := pipeServer(t, opts)
+	h.srv = srv
+	h.client = NewClient("pipe", ClientOptions{dial: func(context.Context) (net.Conn, error) { return connect(), nil }})
+	t.Cleanup(func() { h.client.Close() })
+	return h
+}
+
+// storedRefreshToken returns the refresh token in the store.
+func (h *refreshHarness) storedRefreshToken(t *testing.T) string {
+	t.Helper()
+	tok, err := h.store.GetToken(context.Background(), "anthropic", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(tok.RefreshToken())
+}
+
+// noRefreshTokenIn fails the test if text holds any refresh token the
+// tests use.
+func noRefreshTokenIn(t *testing.T, where, text string) {
+	t.Helper()
+	if strings.Contains(text, "fake-refresh") {
+		t.Errorf("a refresh token appears in %s:\n%s", where, text)
+	}
+}
+
+// --- refresh_token (R12–R15) ---
+
+// R12: 50 concurrent refresh requests for one key, over 5 connections,
+// make exactly one call to a real token endpoint, and all get the same
+// token; the rotated refresh token is stored and never sent.
+func TestRefreshConcurrentRequestsMakeOneProviderCall(t *testing.T) {
+	e := newTokenEndpoint(time.Hour)
+	hs := httptest.NewServer(e)
+	defer hs.Close()
+	logger, logs := debugLogger()
+	st := storeWith(t, nil, nil)
+	st.SaveToken(context.Background(), "anthropic", "", expiringToken(t, -time.Minute))
+	_, path := startServer(t, Options{Store: st, Logger: logger, RateLimit: -1,
+		Refreshers: map[string]Refresher{"anthropic": refresherFor(hs.URL, hs.Client())}})
+
+	var wg sync.WaitGroup
+	got := make(chan string, 50)
+	for range 5 {
+		c := newTestClient(t, path, ClientOptions{})
+		for range 10 {
+			wg.Go(func() {
+				tok, err := c.RefreshToken(context.Background(), "anthropic", "")
+				if err != nil {
+					t.Errorf("RefreshToken: %v", err)
+					return
+				}
+				got <- string(tok.Reveal())
+			})
+		}
+	}
+	wg.Wait()
+	close(got)
+	first := ""
+	for js := range got {
+		if first == "" {
+			first = js
+		}
+		if js != first {
+			t.Errorf("tokens differ:\n%s\n%s", first, js)
+		}
+	}
+	if n := e.callCount(); n != 1 {
+		t.Errorf("50 concurrent refreshes made %d endpoint calls, want 1", n)
+	}
+	if !strings.Contains(first, `"access_token":"fake-access-1"`) || !strings.Contains(first, `"account_id":"acct-7"`) {
+		t.Errorf("refreshed token %s: want the new access token merged into the stored token", first)
+	}
+	if tok, _ := st.GetToken(context.Background(), "anthropic", ""); string(tok.RefreshToken()) != func() string { _, c := e.state(); return c }() {
+		t.Errorf("stored refresh token is not the rotated one")
+	}
+
+	raw := dialRaw(t, path)
+	raw.handshake()
+	raw.send(`{"v":1,"id":"r","op":"refresh_token","payload":{"provider":"anthropic"}}`)
+	frame := raw.recv()
+	if !strings.Contains(frame, `"ok":true`) {
+		t.Fatalf("raw refresh_token: %s", frame)
+	}
+	noRefreshTokenIn(t, "a refresh_token response on the wire", frame)
+	noRefreshTokenIn(t, "the debug log", logs.String())
+}
+
+// R12 across processes' worth of servers: two servers sharing one store
+// directory, each with its own KeyringStore, make one endpoint call
+// between them for 50 concurrent requests; the second finds the token
+// fresh under the cross-process lock.
+func TestRefreshOneProviderCallAcrossTwoServers(t *testing.T) {
+	e := newTokenEndpoint(time.Hour)
+	hs := httptest.NewServer(e)
+	defer hs.Close()
+	dir := storeDir(t)
+	first := openFileStore(t, dir)
+	first.SaveToken(context.Background(), "anthropic", "", expiringToken(t, -time.Minute))
+	var clients []*Client
+	for _, st := range []*KeyringStore{first, openFileStore(t, dir)} {
+		_, path := startServer(t, Options{Store: st, RateLimit: -1,
+			Refreshers: map[string]Refresher{"anthropic": refresherFor(hs.URL, hs.Client())}})
+		clients = append(clients, newTestClient(t, path, ClientOptions{}), newTestClient(t, path, ClientOptions{}))
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	access := map[string]int{}
+	for i := range 50 {
+		wg.Go(func() {
+			tok, err := clients[i%len(clients)].RefreshToken(context.Background(), "anthropic", "")
+			if err != nil {
+				t.Errorf("RefreshToken: %v", err)
+				return
+			}
+			mu.Lock()
+			access[string(tok.AccessToken())]++
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if n := e.callCount(); n != 1 || len(access) != 1 || access["fake-access-1"] != 50 {
+		t.Fatalf("two servers: %d endpoint calls, access tokens served %v; want 1 call and fake-access-1 × 50", n, access)
+	}
+}
+
+// R12, R13: refresh tokens rotate: each refresh presents the latest one,
+// which the endpoint accepts exactly once, and the store ends with the
+// newest.
+func TestRefreshUsesEachRotatedRefreshTokenOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, 90*time.Second, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		ctx := context.Background()
+		for i := 1; i <= 5; i++ {
+			tok, err := h.client.RefreshToken(ctx, "anthropic", "")
+			if err != nil || string(tok.AccessToken()) != "fake-access-"+strconv.Itoa(i) {
+				t.Fatalf("refresh %d: %q, %v", i, string(tok.AccessToken()), err)
+			}
+			// Past the cooldown, and within a minute of expiry.
+			time.Sleep(31 * time.Second)
+		}
+		used, current := h.endpoint.state()
+		if len(used) != 5 {
+			t.Fatalf("endpoint saw %d refreshes, want 5", len(used))
+		}
+		seen := map[string]bool{}
+		for _, rt := range used {
+			if seen[rt] {
+				t.Errorf("refresh token %q was presented twice", rt)
+			}
+			seen[rt] = true
+		}
+		if got := h.storedRefreshToken(t); got != current {
+			t.Errorf("stored refresh token %q, want the newest %q", got, current)
+		}
+		noRefreshTokenIn(t, "the debug log", h.logs.String())
+	})
+}
+
+// R13: invalid_grant is REAUTH_REQUIRED after one endpoint call (no retry,
+// no second call in the other auth style); the dead refresh token is
+// cleared, so the next refresh is REFRESH_NOT_AVAILABLE; the provider's
+// text, which quotes the refresh token, reaches neither the client nor the
+// log.
+func TestRefreshInvalidGrantRequiresReauth(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		h.endpoint.current = "fake-refresh-issued-elsewhere" // before any call
+		ctx := context.Background()
+		_, err := h.client.RefreshToken(ctx, "anthropic", "")
+		if !errors.Is(err, ErrReauthRequired) {
+			t.Fatalf("RefreshToken with a rejected refresh token = %v", err)
+		}
+		noRefreshTokenIn(t, "the client's error", err.Error())
+		if n := h.endpoint.callCount(); n != 1 {
+			t.Errorf("endpoint calls = %d, want 1", n)
+		}
+		stored, _ := h.store.GetToken(ctx, "anthropic", "")
+		if stored.RefreshToken() != "" || string(stored.AccessToken()) != "fake-access-0" {
+			t.Errorf("after REAUTH_REQUIRED the store holds %s; want the access token without the refresh token", stored.Reveal())
+		}
+		if _, err := h.client.RefreshToken(ctx, "anthropic", ""); !errors.Is(err, ErrRefreshNotAvailable) {
+			t.Errorf("second RefreshToken = %v, want ErrRefreshNotAvailable", err)
+		}
+		if n := h.endpoint.callCount(); n != 1 {
+			t.Errorf("endpoint calls = %d after the second request, want 1", n)
+		}
+		noRefreshTokenIn(t, "the debug log", h.logs.String())
+		if !strings.Contains(h.logs.String(), "invalid_grant") {
+			t.Errorf("the host log does not say why the refresh failed:\n%s", h.logs.String())
+		}
+	})
+}
+
+// R13: HTTP 401 is REAUTH_REQUIRED too, after exactly one call: the auth
+// style is explicit, so golang.org/x/oauth2 does not retry in the other.
+func TestRefreshUnauthorizedRequiresReauthAfterOneCall(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		h.endpoint.failNext(401)
+		if _, err := h.client.RefreshToken(context.Background(), "anthropic", ""); !errors.Is(err, ErrReauthRequired) {
+			t.Fatalf("RefreshToken on HTTP 401 = %v", err)
+		}
+		if n := h.endpoint.callCount(); n != 1 {
+			t.Errorf("endpoint calls = %d, want 1", n)
+		}
+	})
+}
+
+// R13: 5xx and 429 are retried twice, after 1 s and then 3 s; other 4xx
+// are not retried; either way the client gets a fixed message.
+func TestRefreshRetriesTransientFailures(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		e := h.endpoint
+		ctx := context.Background()
+
+		e.failNext(500, 429)
+		start := time.Now()
+		if tok, err := h.client.RefreshToken(ctx, "anthropic", ""); err != nil || string(tok.AccessToken()) != "fake-access-1" {
+			t.Fatalf("after two transient failures: %v", err)
+		}
+		if got := offsets(start, e.callTimes()); got != "0s 1s 4s" {
+			t.Errorf("calls at %s, want 0s 1s 4s", got)
+		}
+
+		time.Sleep(time.Hour) // the new token expires; the cooldown is long over
+		e.failNext(503, 500, 502)
+		start = time.Now()
+		_, err := h.client.RefreshToken(ctx, "anthropic", "")
+		var re *RemoteError
+		if !errors.As(err, &re) || re.Code != CodeInternalError || re.Message != "refresh failed" {
+			t.Fatalf("after three transient failures: %v", err)
+		}
+		if got := offsets(start, e.callTimes()); got != "0s 1s 4s" {
+			t.Errorf("calls at %s, want 0s 1s 4s", got)
+		}
+
+		time.Sleep(time.Hour)
+		e.failNext(400)
+		if _, err := h.client.RefreshToken(ctx, "anthropic", ""); !errors.Is(err, ErrInternal) || e.callCount() != 1 {
+			t.Errorf("HTTP 400: %v after %d calls, want INTERNAL_ERROR after 1", err, e.callCount())
+		}
+		noRefreshTokenIn(t, "the debug log", h.logs.String())
+	})
+}
+
+// offsets formats the times of calls relative to start.
+func offsets(start time.Time, calls []time.Time) string {
+	var parts []string
+	for _, c := range calls {
+		parts = append(parts, c.Sub(start).String())
+	}
+	return strings.Join(parts, " ")
+}
+
+// R14: within 30 s of a refresh, a refresh request gets the still-valid
+// token without a provider call, and RATE_LIMITED with the seconds left
+// once it has expired; after the cooldown the provider is called again.
+func TestRefreshCooldown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, 20*time.Second, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		ctx := context.Background()
+		if _, err := h.client.RefreshToken(ctx, "anthropic", ""); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Second)
+		if tok, err := h.client.RefreshToken(ctx, "anthropic", ""); err != nil || string(tok.AccessToken()) != "fake-access-1" {
+			t.Errorf("within the cooldown, valid token: %q, %v", string(tok.AccessToken()), err)
+		}
+		time.Sleep(20 * time.Second) // 25 s after the refresh: expired, 5 s of cooldown left
+		_, err := h.client.RefreshToken(ctx, "anthropic", "")
+		var re *RemoteError
+		if !errors.As(err, &re) || !errors.Is(err, ErrRateLimited) || re.RetryAfter != 5*time.Second {
+			t.Errorf("within the cooldown, expired token: %v (retryAfter %v), want RATE_LIMITED after 5s", err, re.RetryAfter)
+		}
+		if n := h.endpoint.callCount(); n != 1 {
+			t.Errorf("endpoint calls within the cooldown = %d, want 1", n)
+		}
+		time.Sleep(5 * time.Second)
+		if tok, err := h.client.RefreshToken(ctx, "anthropic", ""); err != nil || string(tok.AccessToken()) != "fake-access-2" {
+			t.Errorf("after the cooldown: %q, %v", string(tok.AccessToken()), err)
+		}
+	})
+}
+
+// R6.5 order of refresh checks: no refresher → PROVIDER_NOT_FOUND; no
+// token → NOT_FOUND; no refresh token → REFRESH_NOT_AVAILABLE; a token
+// valid for over a minute (refreshed elsewhere) is returned as it is. None
+// calls the provider.
+func TestRefreshChecksBeforeCallingTheProvider(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, Token{}, Options{DisableRenewal: true})
+		ctx := context.Background()
+		h.store.SaveToken(ctx, "openai", "", expiringToken(t, -time.Second))
+		if _, err := h.client.RefreshToken(ctx, "openai", ""); !errors.Is(err, ErrProviderNotFound) {
+			t.Errorf("provider without a refresher: %v", err)
+		}
+		if _, err := h.client.RefreshToken(ctx, "anthropic", ""); !errors.Is(err, ErrNotFound) {
+			t.Errorf("no token: %v", err)
+		}
+		h.store.SaveToken(ctx, "anthropic", "", mustToken(t, `{"access_token":"fake-access-0"}`))
+		if _, err := h.client.RefreshToken(ctx, "anthropic", ""); !errors.Is(err, ErrRefreshNotAvailable) {
+			t.Errorf("no refresh token: %v", err)
+		}
+		h.store.SaveToken(ctx, "anthropic", "", expiringToken(t, 10*time.Minute))
+		if tok, err := h.client.RefreshToken(ctx, "anthropic", ""); err != nil || string(tok.AccessToken()) != "fake-access-0" {
+			t.Errorf("token valid for 10 minutes: %q, %v; want it returned as it is", string(tok.AccessToken()), err)
+		}
+		if n := h.endpoint.callCount(); n != 0 {
+			t.Errorf("endpoint calls = %d, want 0", n)
+		}
+	})
+}
+
+// R15: a logout (remove_token) that arrives while a refresh is at the
+// provider waits for it and then wins: the refreshed token is saved first
+// and removed after, never resurrected.
+func TestLogoutDuringRefreshWaitsAndWins(t *testing.T) {
+	e := newTokenEndpoint(time.Hour)
+	e.gate = make(chan struct{})
+	hs := httptest.NewServer(e)
+	defer hs.Close()
+	st := &orderedStore{Store: storeWith(t, nil, nil)}
+	st.Store.SaveToken(context.Background(), "anthropic", "", expiringToken(t, -time.Minute))
+	srv, path := startServer(t, Options{Store: st, RateLimit: -1, DisableRenewal: true,
+		Refreshers: map[string]Refresher{"anthropic": refresherFor(hs.URL, hs.Client())}})
+	c := newTestClient(t, path, ClientOptions{})
+	ctx := context.Background()
+
+	refreshed := make(chan error, 1)
+	go func() { _, err := c.RefreshToken(ctx, "anthropic", ""); refreshed <- err }()
+	<-e.entered // the refresh holds the lock and is at the provider
+	removed := make(chan error, 1)
+	go func() { removed <- c.RemoveToken(ctx, "anthropic", "") }()
+	waitUntil(t, func() bool { return srv.locks.waiters("anthropic:default") == 2 }) // the logout waits
+	close(e.gate)
+	if err := <-refreshed; err != nil {
+		t.Fatalf("refresh: %v", err)
+	}
+	if err := <-removed; err != nil {
+		t.Fatalf("remove: %v", err)
+	}
+	if got := st.log(); got != "save remove" {
+		t.Errorf("store writes: %q, want the refresh's save, then the logout's remove", got)
+	}
+	if _, err := c.GetToken(ctx, "anthropic", ""); !errors.Is(err, ErrNotFound) {
+		t.Errorf("after the logout: %v, want ErrNotFound", err)
+	}
+}
+
+// orderedStore records the order of token writes.
+type orderedStore struct {
+	Store
+	mu     sync.Mutex
+	writes []string
+}
+
+func (o *orderedStore) SaveToken(ctx context.Context, provider, bucket string, token Token) error {
+	o.record("save")
+	return o.Store.SaveToken(ctx, provider, bucket, token)
+}
+
+func (o *orderedStore) RemoveToken(ctx context.Context, provider, bucket string) error {
+	o.record("remove")
+	return o.Store.RemoveToken(ctx, provider, bucket)
+}
+
+func (o *orderedStore) record(w string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.writes = append(o.writes, w)
+}
+
+func (o *orderedStore) log() string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return strings.Join(o.writes, " ")
+}
+
+// --- get_token margin and proactive renewal (R16) ---
+
+// get_token refreshes a token that expires within the margin (60 s by
+// default) before serving it; with the margin off it serves the stored one.
+func TestGetTokenRefreshesTokenAboutToExpire(t *testing.T) {
+	for _, tc := range []struct {
+		margin time.Duration
+		want   string
+		calls  int
+	}{{0, "fake-access-1", 1}, {-1, "fake-access-0", 0}} {
+		synctest.Test(t, func(t *testing.T) {
+			h := newRefreshHarness(t, time.Hour, expiringToken(t, 30*time.Second), Options{RefreshMargin: tc.margin, DisableRenewal: true})
+			tok, err := h.client.GetToken(context.Background(), "anthropic", "")
+			if err != nil || string(tok.AccessToken()) != tc.want || h.endpoint.callCount() != tc.calls {
+				t.Errorf("margin %v: get_token served %q (%v) after %d endpoint calls; want %s after %d",
+					tc.margin, string(tok.AccessToken()), err, h.endpoint.callCount(), tc.want, tc.calls)
+			}
+		})
+	}
+}
+
+// R16, the point of it all: a sandbox that reads its token once a minute
+// for four hours, with one-hour access tokens, never gets an expired
+// token or a refresh token; the host renews each token shortly before it
+// expires, once.
+func TestRenewalKeepsALongSessionFresh(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, time.Hour), Options{})
+		ctx := context.Background()
+		start := time.Now()
+		served := map[string]bool{}
+		for minute := 0; minute < 4*60; minute++ {
+			tok, err := h.client.GetToken(ctx, "anthropic", "")
+			if err != nil {
+				t.Fatalf("minute %d: %v", minute, err)
+			}
+			exp, ok := tok.Expiry()
+			if !ok || !exp.After(time.Now().Add(4*time.Minute)) {
+				t.Fatalf("minute %d: served a token expiring at %v, now %v", minute, exp, time.Now())
+			}
+			if tok.RefreshToken() != "" {
+				t.Fatalf("minute %d: served a refresh token", minute)
+			}
+			served[string(tok.AccessToken())] = true
+			time.Sleep(time.Minute)
+		}
+		calls := h.endpoint.callCount()
+		if calls < 4 || calls > 5 || len(served) != calls+1 {
+			t.Errorf("4 hours of one-hour tokens: %d endpoint calls, %d access tokens served; want 4 or 5 calls, each token served",
+				calls, len(served))
+		}
+		for i, at := range h.endpoint.callTimes() {
+			t.Logf("renewal %d at %v", i+1, at.Sub(start))
+		}
+		noRefreshTokenIn(t, "the debug log", h.logs.String())
+	})
+}
+
+// R16: the renewal runs at expiry - max(300 s, 10% of the lifetime) -
+// jitter (0–30 s): for a token with an hour left, between 6:30 and 6:00
+// before it expires.
+func TestRenewalRunsShortlyBeforeExpiry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, time.Hour), Options{})
+		start := time.Now()
+		if _, err := h.client.GetToken(context.Background(), "anthropic", ""); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(59 * time.Minute)
+		calls := h.endpoint.callTimes()
+		if len(calls) != 1 {
+			t.Fatalf("endpoint calls in the first 59 minutes = %d, want 1", len(calls))
+		}
+		if at := calls[0].Sub(start); at < 53*time.Minute+30*time.Second || at > 54*time.Minute {
+			t.Errorf("renewal at %v, want between 53m30s and 54m", at)
+		}
+	})
+}
+
+// R16: a failing renewal backs off 30 s, 60 s, 120 s ... up to 1800 s
+// between attempts (each attempt is a refresh with its own two retries),
+// and stops after 10 failures in a row.
+func TestRenewalBacksOffAndStops(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, time.Hour), Options{})
+		failures := make([]int, 1000)
+		for i := range failures {
+			failures[i] = 503
+		}
+		h.endpoint.failNext(failures...)
+		if _, err := h.client.GetToken(context.Background(), "anthropic", ""); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(24 * time.Hour)
+		calls := h.endpoint.callTimes()
+		if len(calls) != 30 {
+			t.Fatalf("endpoint calls = %d, want 10 renewals × 3 attempts", len(calls))
+		}
+		var gaps []string
+		for i := 3; i < len(calls); i += 3 {
+			gaps = append(gaps, calls[i].Sub(calls[i-3]).String())
+		}
+		if got, want := strings.Join(gaps, " "), "30s 1m0s 2m0s 4m0s 8m0s 16m0s 30m0s 30m0s 30m0s"; got != want {
+			t.Errorf("gaps between renewals %s, want %s", got, want)
+		}
+	})
+}
+
+// R16: Shutdown cancels pending renewals: none runs after it.
+func TestShutdownCancelsRenewals(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, time.Hour), Options{})
+		if _, err := h.client.GetToken(context.Background(), "anthropic", ""); err != nil {
+			t.Fatal(err)
+		}
+		h.client.Close()
+		if err := h.srv.Shutdown(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Hour)
+		if n := h.endpoint.callCount(); n != 0 {
+			t.Errorf("endpoint calls after Shutdown = %d, want 0", n)
+		}
+	})
+}
+
+// The OAuth2 adapter's token carries what the endpoint returned, and the
+// stored token keeps its provider-specific members through the merge.
+func TestOAuth2RefresherConvertsTheResponse(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		tok, err := h.client.RefreshToken(context.Background(), "anthropic", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got map[string]any
+		if err := json.Unmarshal(tok.Reveal(), &got); err != nil {
+			t.Fatal(err)
+		}
+		want := map[string]any{"access_token": "fake-access-1", "token_type": "Bearer", "scope": "chat", "account_id": "acct-7",
+			"expiry": float64(time.Now().Add(time.Hour).Unix())}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("refreshed token %v, want %v", got, want)
+		}
+	})
+}
+
+// waiters returns how many hold or wait for the lock of key.
+func (k *keyedMutex) waiters(key string) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if l := k.locks[key]; l != nil {
+		return l.waiters
+	}
+	return 0
+}
