@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"time"
 
@@ -154,4 +156,44 @@ func ExampleMemoryStore() {
 	// Output:
 	// true
 	// [openai]
+}
+
+// The host refreshes tokens for the sandbox through a provider's OAuth2
+// token endpoint; the sandbox asks with RefreshToken and never sees a
+// refresh token, while the host stores the rotated one.
+func ExampleOAuth2Refresher() {
+	ctx := context.Background()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"access_token":"at-2","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-2"}`)
+	}))
+	defer provider.Close()
+
+	store := credproxy.NewMemoryStore()
+	tok, _ := credproxy.ParseToken([]byte(`{"access_token":"at-1","refresh_token":"rt-1","expiry":1}`))
+	store.SaveToken(ctx, "anthropic", "", tok)
+	srv, _ := credproxy.NewServer(credproxy.Options{
+		Store: store,
+		Refreshers: map[string]credproxy.Refresher{
+			"anthropic": &credproxy.OAuth2Refresher{TokenURL: provider.URL + "/token", ClientID: "example-cli"},
+		},
+	})
+	dir, _ := os.MkdirTemp("", "cp")
+	defer os.RemoveAll(dir)
+	ln, _ := credproxy.Listen(dir)
+	go srv.Serve(ln)
+	defer srv.Shutdown(ctx)
+
+	client := credproxy.NewClient(ln.Addr().String(), credproxy.ClientOptions{})
+	defer client.Close()
+	fresh, err := client.RefreshToken(ctx, "anthropic", "")
+	if err != nil {
+		log.Fatal(err)
+	}
+	stored, _ := store.GetToken(ctx, "anthropic", "")
+	fmt.Println("sandbox:", fresh.AccessToken() == "at-2", fresh.RefreshToken() == "")
+	fmt.Println("host keeps the rotated refresh token:", stored.RefreshToken() == "rt-2")
+	// Output:
+	// sandbox: true true
+	// host keeps the rotated refresh token: true
 }

@@ -5,6 +5,10 @@
 //	memserver -tokens creds.json -allow-provider anthropic -rate 0
 //
 // The tokens file holds {"tokens":{PROVIDER:{BUCKET:TOKEN}},"keys":{NAME:VALUE}}.
+// With -token-url (and -client-id, -client-secret), every provider in it
+// refreshes on the host through the standard OAuth2 refresh grant at that
+// token endpoint: refresh_token works, get_token refreshes a token about to
+// expire, and served tokens are renewed before they expire.
 // When the server listens it prints one line, LLXPRT_CREDENTIAL_SOCKET=<path>,
 // on stdout; logs go to stderr. SIGINT or SIGTERM shuts it down gracefully,
 // removes the socket and exits 0.
@@ -51,6 +55,9 @@ func run() error {
 		rate       = flag.Float64("rate", 60, "requests per second per connection; 0 disables the limit (benchmarks only)")
 		socketDir  = flag.String("socket-dir", "", "`directory` for the socket (default: the per-user directory in the temp dir)")
 		verbose    = flag.Bool("v", false, "log every request (the audit log) on stderr")
+		tokenURL   = flag.String("token-url", "", "OAuth2 token endpoint `URL`: refresh every provider's tokens there")
+		clientID   = flag.String("client-id", "", "OAuth2 client `id` for -token-url")
+		secret     = flag.String("client-secret", "", "OAuth2 client `secret` for -token-url (visible in ps; for tests)")
 		allow      credproxy.AllowList
 	)
 	flag.Var((*names)(&allow.Providers), "allow-provider", "allow this `provider` (repeatable; none: all)")
@@ -67,15 +74,25 @@ func run() error {
 			return err
 		}
 	}
+	var refreshers map[string]credproxy.Refresher
+	if *tokenURL != "" {
+		oauth := &credproxy.OAuth2Refresher{TokenURL: *tokenURL, ClientID: *clientID, ClientSecret: *secret}
+		providers, _ := store.ListProviders(context.Background())
+		refreshers = make(map[string]credproxy.Refresher, len(providers))
+		for _, p := range providers {
+			refreshers[p] = oauth
+		}
+	}
 	level := slog.LevelInfo
 	if *verbose {
 		level = slog.LevelDebug
 	}
 	opts := credproxy.Options{
-		Store:     store,
-		Policy:    &allow,
-		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
-		RateLimit: *rate,
+		Store:      store,
+		Policy:     &allow,
+		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+		RateLimit:  *rate,
+		Refreshers: refreshers,
 	}
 	if *rate == 0 {
 		opts.RateLimit = -1
