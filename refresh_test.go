@@ -695,3 +695,37 @@ func (k *keyedMutex) waiters(key string) int {
 	}
 	return 0
 }
+
+// R16: a renewal that fires after another process has renewed the token
+// (a later expiry in the store) calls no provider and follows the new
+// expiry; one that fires after a logout stops.
+func TestRenewalFollowsTheStoredToken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, time.Hour), Options{})
+		ctx := context.Background()
+		start := time.Now()
+		if _, err := h.client.GetToken(ctx, "anthropic", ""); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(30 * time.Minute)
+		// Another host renews the token: it now expires 2 h after start.
+		renewed := mustToken(t, fmt.Sprintf(`{"access_token":"fake-access-elsewhere","refresh_token":"%s","expiry":%d}`,
+			fakeRefresh, start.Add(2*time.Hour).Unix()))
+		h.store.SaveToken(ctx, "anthropic", "", renewed)
+		time.Sleep(60 * time.Minute) // past the first planned renewal, short of the new one
+		if n := h.endpoint.callCount(); n != 0 {
+			t.Fatalf("endpoint calls = %d at %s, want 0: the token was renewed elsewhere", n, offsets(start, h.endpoint.callTimes()))
+		}
+		time.Sleep(30 * time.Minute) // past the new expiry's renewal, about 7 min before it
+		calls := h.endpoint.callTimes()
+		if len(calls) != 1 || calls[0].Sub(start) < 112*time.Minute || calls[0].Sub(start) > 115*time.Minute {
+			t.Fatalf("renewal calls at %s, want one between 1h52m and 1h55m", offsets(start, calls))
+		}
+
+		h.store.RemoveToken(ctx, "anthropic", "")
+		time.Sleep(3 * time.Hour)
+		if n := h.endpoint.callCount(); n != 1 {
+			t.Errorf("endpoint calls after the logout = %d, want still 1", n)
+		}
+	})
+}
