@@ -482,6 +482,8 @@ func TestLogoutDuringRefreshWaitsAndWins(t *testing.T) {
 	e.gate = make(chan struct{})
 	hs := httptest.NewServer(e)
 	defer hs.Close()
+	release := sync.OnceFunc(func() { close(e.gate) })
+	defer release() // before hs.Close, which waits for the held call
 	st := &orderedStore{Store: storeWith(t, nil, nil)}
 	st.Store.SaveToken(context.Background(), "anthropic", "", expiringToken(t, -time.Minute))
 	srv, path := startServer(t, Options{Store: st, RateLimit: -1, DisableRenewal: true,
@@ -495,7 +497,7 @@ func TestLogoutDuringRefreshWaitsAndWins(t *testing.T) {
 	removed := make(chan error, 1)
 	go func() { removed <- c.RemoveToken(ctx, "anthropic", "") }()
 	waitUntil(t, func() bool { return srv.locks.waiters("anthropic:default") == 2 }) // the logout waits
-	close(e.gate)
+	release()
 	if err := <-refreshed; err != nil {
 		t.Fatalf("refresh: %v", err)
 	}
