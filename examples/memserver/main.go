@@ -27,7 +27,6 @@ import (
 	"time"
 
 	"github.com/credproxy/credproxy"
-	"github.com/go-json-experiment/json"
 )
 
 // names is a repeatable string flag.
@@ -35,12 +34,6 @@ type names []string
 
 func (n *names) String() string     { return strings.Join(*n, ",") }
 func (n *names) Set(v string) error { *n = append(*n, v); return nil }
-
-// credentialsFile is the format of -tokens.
-type credentialsFile struct {
-	Tokens map[string]map[string]credproxy.Token `json:"tokens"`
-	Keys   map[string]string                     `json:"keys"`
-}
 
 func main() {
 	if err := run(); err != nil {
@@ -70,8 +63,12 @@ func run() error {
 
 	store := credproxy.NewMemoryStore()
 	if *tokensFile != "" {
-		if err := load(store, *tokensFile); err != nil {
+		data, err := os.ReadFile(*tokensFile)
+		if err != nil {
 			return err
+		}
+		if err := credproxy.ImportCredentials(context.Background(), store, data); err != nil {
+			return fmt.Errorf("%s: %w", *tokensFile, err)
 		}
 	}
 	var refreshers map[string]credproxy.Refresher
@@ -123,47 +120,6 @@ func run() error {
 	}
 	if err := <-served; !errors.Is(err, credproxy.ErrServerClosed) {
 		return err
-	}
-	return nil
-}
-
-// safeJSONError describes a parse error of the credentials file without
-// the json package's own text, which can quote a value, a secret perhaps.
-func safeJSONError(err error) string {
-	var terr *credproxy.TokenError
-	var serr *json.SemanticError
-	switch {
-	case errors.As(err, &serr) && errors.As(err, &terr):
-		return fmt.Sprintf("%v (at %s)", terr, serr.JSONPointer)
-	case errors.As(err, &serr) && errors.Is(err, json.ErrUnknownName):
-		return fmt.Sprintf("unknown member at %s; the format is {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:VALUE}}", serr.JSONPointer)
-	case errors.As(err, &serr):
-		return fmt.Sprintf("invalid value at %s", serr.JSONPointer)
-	}
-	return "malformed JSON"
-}
-
-func load(store *credproxy.MemoryStore, path string) error {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	var f credentialsFile
-	if err := json.Unmarshal(data, &f, json.RejectUnknownMembers(true)); err != nil {
-		return fmt.Errorf("%s: %s", path, safeJSONError(err))
-	}
-	ctx := context.Background()
-	for provider, buckets := range f.Tokens {
-		for bucket, tok := range buckets {
-			if err := store.SaveToken(ctx, provider, bucket, tok); err != nil {
-				return fmt.Errorf("%s: token %s/%s: %w", path, provider, bucket, err)
-			}
-		}
-	}
-	for name, key := range f.Keys {
-		if err := store.SaveAPIKey(ctx, name, credproxy.Secret(key)); err != nil {
-			return fmt.Errorf("%s: key %s: %w", path, name, err)
-		}
 	}
 	return nil
 }
