@@ -1,0 +1,145 @@
+// Command credproxy runs a program, typically a sandbox launcher, with a
+// credential proxy beside it: the program reaches the host's access tokens
+// and API keys through the socket named by LLXPRT_CREDENTIAL_SOCKET, and
+// never sees a refresh token. It also manages the host's store.
+//
+//	credproxy run --allow-provider anthropic -- bwrap ... -- agent
+//	credproxy serve
+//	credproxy token set anthropic < token.json
+//	credproxy token get anthropic            # on the host or in the sandbox
+//	credproxy key set openai < key.txt
+//	credproxy version
+//
+// Run "credproxy COMMAND -help" for each command's flags and an example.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strings"
+
+	"github.com/credproxy/credproxy"
+)
+
+const usage = `credproxy hands credentials to a sandboxed program, without the refresh tokens.
+
+Usage:
+  credproxy run [flags] -- CMD [ARGS...]   run CMD with a credential proxy beside it
+  credproxy serve [flags]                  serve the proxy until SIGINT or SIGTERM
+  credproxy token get|set|rm|ls [ARGS]     manage OAuth tokens
+  credproxy key get|set|rm|ls [ARGS]       manage API keys
+  credproxy version                        print the version
+
+Run 'credproxy COMMAND -help' for a command's flags and a worked example.
+The store is the host's keyring store (see CREDPROXY_KEYRING_BACKEND and
+CREDPROXY_KEYRING_PASSWORD); with LLXPRT_CREDENTIAL_SOCKET set, token and key
+commands go through the proxy instead.
+`
+
+// Exit codes besides the command's own: 1 for an error, 2 for a usage
+// error, and 125 when run cannot start the proxy (CMD never started), as
+// container runtimes use it.
+const (
+	exitError      = 1
+	exitUsage      = 2
+	exitNoProxy    = 125
+	exitSignalBase = 128
+)
+
+// stdio is where a command reads and writes; tests replace it.
+type stdio struct {
+	in       io.Reader
+	out, err io.Writer
+}
+
+func main() {
+	os.Exit(mainWith(os.Args[1:], stdio{os.Stdin, os.Stdout, os.Stderr}))
+}
+
+func mainWith(args []string, std stdio) int {
+	if len(args) == 0 {
+		fmt.Fprint(std.err, usage)
+		return exitUsage
+	}
+	ctx := context.Background()
+	cmd, args := args[0], args[1:]
+	var err error
+	switch cmd {
+	case "run":
+		return runCommand(ctx, args, std)
+	case "serve":
+		err = serveCommand(ctx, args, std)
+	case "token":
+		err = tokenCommand(ctx, args, std)
+	case "key":
+		err = keyCommand(ctx, args, std)
+	case "version":
+		fmt.Fprintf(std.out, "credproxy %s (protocol %d, %s %s/%s)\n", version(), credproxy.ProtocolVersion,
+			runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		return 0
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(std.out, usage)
+		return 0
+	default:
+		err = usageError("unknown command %q; run 'credproxy help'", cmd)
+	}
+	return report(err, std)
+}
+
+// report prints err, if any, and returns the exit code it calls for.
+func report(err error, std stdio) int {
+	var uerr *usageErr
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, &uerr):
+		fmt.Fprintln(std.err, "credproxy:", err)
+		return exitUsage
+	}
+	fmt.Fprintln(std.err, "credproxy:", strings.TrimPrefix(err.Error(), "credproxy: "))
+	return exitError
+}
+
+type usageErr struct{ msg string }
+
+func (e *usageErr) Error() string { return e.msg }
+
+func usageError(format string, args ...any) error { return &usageErr{fmt.Sprintf(format, args...)} }
+
+// version is the module version the binary was built from, or "devel".
+func version() string {
+	if info, ok := debug.ReadBuildInfo(); ok && info.Main.Version != "" && info.Main.Version != "(devel)" {
+		return info.Main.Version
+	}
+	return "devel"
+}
+
+// newFlags returns a flag set for a command whose -help prints synopsis,
+// then the flags, then example.
+func newFlags(name, synopsis, example string, std stdio) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(std.err)
+	fs.Usage = func() {
+		fmt.Fprintf(std.err, "%s\n", strings.TrimSpace(synopsis))
+		if hasFlags(fs) {
+			fmt.Fprintln(std.err, "\nFlags:")
+			fs.PrintDefaults()
+		}
+		fmt.Fprintf(std.err, "\nExample:\n%s\n", example)
+	}
+	return fs
+}
+
+func hasFlags(fs *flag.FlagSet) bool {
+	n := 0
+	fs.VisitAll(func(*flag.Flag) { n++ })
+	return n > 0
+}
