@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The credproxy demo: a host keeps a token (with its refresh token) and an API
+# key in its keyring store, and a program inside a bubblewrap sandbox, which
+# has no network and cannot see the store, fetches the access token and the key
+# through the proxy socket. The refresh token never enters the sandbox.
+#
+# Needs Go and bubblewrap (installed with apt-get when run as root on Debian or
+# Ubuntu). Everything it creates lives in a temporary directory, removed at exit.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! command -v bwrap >/dev/null 2>&1; then
+	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+		echo "demo: installing bubblewrap"
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null
+	else
+		echo "demo: bubblewrap (bwrap) is needed; install it, e.g. sudo apt-get install bubblewrap" >&2
+		exit 1
+	fi
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+CGO_ENABLED=0 go build -o "$work/credproxy" ./cmd/credproxy
+
+# A private host store for the demo (the encrypted file backend), with
+# obviously fake credentials. A real host would use its own, in ~/.config/credproxy.
+export XDG_CONFIG_HOME="$work/config" CREDPROXY_KEYRING_PASSWORD=demo-password-not-a-secret
+unset CREDPROXY_KEYRING_BACKEND LLXPRT_CREDENTIAL_SOCKET
+store="$XDG_CONFIG_HOME/credproxy"
+echo '{"access_token":"demo-access-token-0000","refresh_token":"demo-refresh-token-STAYS-ON-HOST","expiry":4102444800,"token_type":"Bearer"}' |
+	"$work/credproxy" token set anthropic
+printf 'sk-demo-not-a-real-key' | "$work/credproxy" key set openai
+echo "host:    stored a token for anthropic (with a refresh token) and an API key in $store"
+
+sockets="$work/sockets"
+inside='
+echo "sandbox: uid $(id -u), network interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " ")"
+if test -e "'"$store"'"; then echo "sandbox: can see the host store (unexpected)"; else echo "sandbox: cannot see the host store"; fi
+echo "sandbox: credproxy token get anthropic -> $(/credproxy token get anthropic)"
+echo "sandbox: credproxy key get -raw openai -> $(/credproxy key get -raw openai)"
+'
+echo "host:    credproxy run -- bwrap --unshare-all ... (only /usr, the socket directory and the credproxy binary inside)"
+out=$("$work/credproxy" run -socket-dir "$sockets" -allow-provider anthropic -- \
+	bwrap --unshare-all --die-with-parent --ro-bind /usr /usr \
+	--symlink usr/lib /lib --symlink usr/lib64 /lib64 --symlink usr/bin /bin \
+	--proc /proc --dev /dev --tmpfs /tmp \
+	--bind "$sockets" "$sockets" --ro-bind "$work/credproxy" /credproxy \
+	-- /bin/sh -c "$inside")
+echo "$out"
+
+if grep -q STAYS-ON-HOST <<<"$out"; then
+	echo "result:  FAILED: the refresh token reached the sandbox" >&2
+	exit 1
+fi
+if ! grep -q 'demo-access-token-0000' <<<"$out"; then
+	echo "result:  FAILED: the sandbox did not get the token" >&2
+	exit 1
+fi
+echo "result:  the sandbox got the access token and the key; the refresh token stayed on the host:"
+echo "host:    $("$work/credproxy" token get -with-refresh-token anthropic)"
