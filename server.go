@@ -123,7 +123,7 @@ type Server struct {
 	inShutdown atomic.Bool
 
 	mu        sync.Mutex
-	listeners map[*net.Listener]struct{}
+	listeners map[*net.Listener]os.FileInfo // the socket file of a Unix listener, when it has one
 	conns     map[*conn]struct{}
 	connSeq   uint64
 	wg        sync.WaitGroup // every connection goroutine
@@ -171,7 +171,7 @@ func NewServer(opts Options) (*Server, error) {
 		euid:      os.Geteuid(),
 		baseCtx:   ctx,
 		cancel:    cancel,
-		listeners: make(map[*net.Listener]struct{}),
+		listeners: make(map[*net.Listener]os.FileInfo),
 		conns:     make(map[*conn]struct{}),
 	}
 	s.refresh = newCoordinator(s, opts.Refreshers)
@@ -331,7 +331,7 @@ func (s *Server) trackListener(l *net.Listener, add bool) bool {
 		if s.inShutdown.Load() {
 			return false
 		}
-		s.listeners[l] = struct{}{}
+		s.listeners[l] = socketFile(*l)
 	} else {
 		delete(s.listeners, l)
 	}
@@ -484,13 +484,41 @@ func (s *Server) Close() error {
 
 func (s *Server) closeListenersLocked() error {
 	var err error
-	for l := range s.listeners {
+	for l, socket := range s.listeners {
+		keepReplacement(*l, socket)
 		if cerr := (*l).Close(); cerr != nil && err == nil && !errors.Is(cerr, net.ErrClosed) {
 			err = cerr
 		}
 		delete(s.listeners, l)
 	}
 	return err
+}
+
+// socketFile returns the file of a Unix listener's socket, or nil.
+func socketFile(l net.Listener) os.FileInfo {
+	ul, ok := l.(*net.UnixListener)
+	if !ok || ul.Addr().String() == "" || ul.Addr().String()[0] == '@' {
+		return nil
+	}
+	fi, err := os.Stat(ul.Addr().String())
+	if err != nil {
+		return nil
+	}
+	return fi
+}
+
+// keepReplacement stops closing l from removing its socket path when the
+// file there is no longer the socket l listens on: someone deleted it and
+// perhaps started another server at the same path, whose socket closing l
+// would otherwise unlink.
+func keepReplacement(l net.Listener, socket os.FileInfo) {
+	ul, ok := l.(*net.UnixListener)
+	if !ok || socket == nil {
+		return
+	}
+	if now, err := os.Stat(ul.Addr().String()); err != nil || !os.SameFile(now, socket) {
+		ul.SetUnlinkOnClose(false)
+	}
 }
 
 // conn is one accepted connection. Its reader goroutine (serve) reads
