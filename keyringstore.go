@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -371,6 +372,9 @@ func (s *KeyringStore) String() string {
 
 // GoString is String, for %#v.
 func (s *KeyringStore) GoString() string { return s.String() }
+
+// Format writes String, whatever the verb.
+func (s *KeyringStore) Format(f fmt.State, _ rune) { io.WriteString(f, s.String()) }
 
 // Close releases the store. It exists so that a KeyringStore and a
 // [Client] can be closed alike (see [OpenStore]); the keyring library holds

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 
@@ -20,9 +21,10 @@ type OAuth2Refresher struct {
 	TokenURL string
 
 	// ClientID and ClientSecret identify the host's OAuth client. A public
-	// client (an installed CLI, say) has no secret.
+	// client (an installed CLI, say) has no secret. The secret is a Secret,
+	// so that printing the refresher (or Options holding it) hides it.
 	ClientID     string
-	ClientSecret string
+	ClientSecret Secret
 
 	// AuthStyle says how the client authenticates. The zero value,
 	// oauth2.AuthStyleAutoDetect, is not used as such: golang.org/x/oauth2
@@ -39,6 +41,15 @@ type OAuth2Refresher struct {
 }
 
 var _ Refresher = (*OAuth2Refresher)(nil)
+
+// String describes the refresher by token endpoint and client id. It and
+// Format keep fmt, with any verb, from printing the client secret.
+func (o OAuth2Refresher) String() string {
+	return fmt.Sprintf("credproxy.OAuth2Refresher(%s, client %s)", o.TokenURL, o.ClientID)
+}
+
+// Format writes String, whatever the verb.
+func (o OAuth2Refresher) Format(f fmt.State, _ rune) { io.WriteString(f, o.String()) }
 
 // Refresh exchanges token's refresh token for a new token. The result has
 // access_token, token_type, expiry (when the provider gave expires_in),
@@ -60,7 +71,7 @@ func (o *OAuth2Refresher) Refresh(ctx context.Context, token Token) (Token, erro
 	}
 	cfg := oauth2.Config{
 		ClientID:     o.ClientID,
-		ClientSecret: o.ClientSecret,
+		ClientSecret: string(o.ClientSecret),
 		Endpoint:     oauth2.Endpoint{TokenURL: o.TokenURL, AuthStyle: style},
 	}
 	if o.HTTPClient != nil {

@@ -161,8 +161,14 @@ func TestSecretsRedactThemselves(t *testing.T) {
 		Ptr *Token
 	}
 	h := holder{tok, key, &tok}
+	refresher := &OAuth2Refresher{TokenURL: "https://provider.invalid/token", ClientID: "cli", ClientSecret: Secret(fakeAPIKey)}
+	opts := Options{Refreshers: map[string]Refresher{"p": refresher}}
+	store, err := OpenKeyringStore(KeyringOptions{Backend: "file", Dir: storeDir(t), Password: fixedPassword(fakeAPIKey)})
+	if err != nil {
+		t.Fatal(err)
+	}
 	var out bytes.Buffer
-	for _, v := range []any{tok, &tok, key, &key, h, &h, []Token{tok}, map[string]Secret{"k": key}} {
+	for _, v := range []any{tok, &tok, key, &key, h, &h, []Token{tok}, map[string]Secret{"k": key}, refresher, *refresher, opts, &opts, store} {
 		for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x", "%X", "%d", "%T"} {
 			fmt.Fprintf(&out, verb+"\n", v)
 		}

@@ -73,7 +73,7 @@ func run() error {
 	}
 	var refreshers map[string]credproxy.Refresher
 	if *tokenURL != "" {
-		oauth := &credproxy.OAuth2Refresher{TokenURL: *tokenURL, ClientID: *clientID, ClientSecret: *secret}
+		oauth := &credproxy.OAuth2Refresher{TokenURL: *tokenURL, ClientID: *clientID, ClientSecret: credproxy.Secret(*secret)}
 		providers, _ := store.ListProviders(context.Background())
 		refreshers = make(map[string]credproxy.Refresher, len(providers))
 		for _, p := range providers {
