@@ -1,0 +1,166 @@
+package credproxy
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
+)
+
+// The handshake, fuzzed through a real connection: whatever the first
+// frame holds, the server answers it with exactly one well-formed frame,
+// either the handshake acceptance, after which the connection serves
+// requests, or a failure, after which it closes the connection. Run with
+// go test -fuzz FuzzHandshake.
+func FuzzHandshake(f *testing.F) {
+	for _, s := range []string{
+		`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`,
+		`{"v":1,"op":"handshake","payload":{"minVersion":0,"maxVersion":99999999999999999999999}}`,
+		`{"v":1,"op":"handshake"}`,
+		`{"v":2,"op":"handshake","payload":{"minVersion":2,"maxVersion":3}}`,
+		`{"v":1,"op":"handshake","payload":{"minVersion":1}}`,
+		`{"v":1,"op":"handshake","payload":{"minVersion":1.0,"maxVersion":1e0}}`,
+		`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1,"minVersion":1}}`,
+		`{"v":1,"id":"x","op":"get_token","payload":{"provider":"p"}}`,
+		`{"v":1,"op":"handshake","payload":{"minVersion":"1","maxVersion":[1]}}`,
+		"{\"v\":1,\"op\":\"hand\xffshake\"}",
+		`[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]`,
+		`null`,
+	} {
+		f.Add([]byte(s))
+	}
+	st := NewMemoryStore()
+	st.SaveAPIKey(context.Background(), "openai", "sk-fake")
+	srv, err := NewServer(Options{Store: st, RateLimit: -1})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { srv.Close() })
+	f.Fuzz(func(t *testing.T, frame []byte) {
+		if len(frame) == 0 || len(frame) > MaxFrameSize {
+			return // refused at the header; FuzzReadFrame covers it
+		}
+		client, server := net.Pipe()
+		defer client.Close()
+		srv.serveConn(server, selfPeer())
+		client.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := writeFrame(client, frame); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		reply, err := readFrame(client, nil)
+		if err != nil {
+			t.Fatalf("no reply to %q: %v", frame, err)
+		}
+		if bytes.Equal(reply, handshakeOK) {
+			writeFrame(client, []byte(`{"v":1,"id":"p","op":"has_api_key","payload":{"name":"openai"}}`))
+			if got, err := readFrame(client, nil); err != nil || string(got) != `{"id":"p","ok":true,"data":{"exists":true}}` {
+				t.Fatalf("after an accepted handshake %q the probe got %q, %v", frame, got, err)
+			}
+			return
+		}
+		var fail struct {
+			OK    *bool  `json:"ok"`
+			Code  Code   `json:"code"`
+			Error string `json:"error"`
+		}
+		if err := json.Unmarshal(reply, &fail); err != nil || fail.OK == nil || *fail.OK ||
+			(fail.Code != CodeUnknownVersion && fail.Code != CodeInvalidRequest) || fail.Error == "" {
+			t.Fatalf("reply to %q is neither the acceptance nor a failure: %q", frame, reply)
+		}
+		if n, err := io.Copy(io.Discard, client); n != 0 || err != nil {
+			t.Fatalf("after a refused handshake the connection sent %d more bytes, %v; want it closed", n, err)
+		}
+	})
+}
+
+// Sanitising and merging never let a refresh token through where it must
+// not go: without its refresh token a token has no refresh_token member and
+// keeps every other member byte for byte; the server's save (merge of the
+// incoming token stripped of its refresh token) keeps the stored refresh
+// token, never the incoming one; a plain merge takes a new non-empty
+// refresh token and otherwise keeps the stored one. Run with
+// go test -fuzz FuzzSanitizeMerge.
+func FuzzSanitizeMerge(f *testing.F) {
+	f.Add([]byte(anthropicToken), []byte(`{"access_token":"new","refresh_token":"rt-new","x":[1,{"refresh_token":"inner"}]}`))
+	f.Add([]byte(`{"access_token":"a","refresh_token":null}`), []byte(`{"access_token":"b","refresh_token":""}`))
+	f.Add([]byte(`{"refresh_token":"r","access_token":"r"}`), []byte(`{"access_token":"n","expiry":1e400}`))
+	f.Add([]byte(`{"access_token":"a","refresh_token":"\u0072t"}`), []byte(`{"access_token":"a","id_token":"rt"}`))
+	f.Fuzz(func(t *testing.T, storedJSON, incomingJSON []byte) {
+		stored, err1 := ParseToken(storedJSON)
+		incoming, err2 := ParseToken(incomingJSON)
+		if err1 != nil || err2 != nil {
+			return
+		}
+		for _, tok := range []Token{stored, incoming} {
+			checkSanitised(t, tok)
+		}
+		saved := stored.Merge(incoming.WithoutRefreshToken())
+		if saved.RefreshToken() != stored.RefreshToken() {
+			t.Fatalf("save path: refresh token %q, want the stored %q", saved.RefreshToken(), stored.RefreshToken())
+		}
+		checkSanitised(t, saved)
+		merged := stored.Merge(incoming)
+		want := stored.RefreshToken()
+		if incoming.RefreshToken() != "" {
+			want = incoming.RefreshToken()
+		}
+		if merged.RefreshToken() != want {
+			t.Fatalf("merge: refresh token %q, want %q", merged.RefreshToken(), want)
+		}
+		for _, name := range incoming.Names() {
+			if name == fieldRefreshToken {
+				continue
+			}
+			got, _ := merged.Field(name)
+			in, _ := incoming.Field(name)
+			if !bytes.Equal(got, in) {
+				t.Fatalf("merge: member %q is %s, want the incoming %s", name, got, in)
+			}
+		}
+	})
+}
+
+// checkSanitised checks the sanitised form of tok, as get_token sends it:
+// valid JSON holding exactly tok's members but refresh_token, in order,
+// each value byte for byte as in tok. So nothing of the refresh token
+// reaches the output but what other members themselves hold.
+func checkSanitised(t *testing.T, token Token) {
+	t.Helper()
+	out := token.WithoutRefreshToken().appendJSON(nil, false)
+	var want []string
+	for _, n := range token.Names() {
+		if n != fieldRefreshToken {
+			want = append(want, n)
+		}
+	}
+	dec := jsontext.NewDecoder(bytes.NewReader(out))
+	if _, err := dec.ReadToken(); err != nil {
+		t.Fatalf("sanitised output %q: %v", out, err)
+	}
+	i := 0
+	for ; dec.PeekKind() != '}'; i++ {
+		tok, err := dec.ReadToken()
+		if err != nil {
+			t.Fatalf("sanitised output %q: %v", out, err)
+		}
+		name := tok.String() // before the next read voids tok
+		value, err := dec.ReadValue()
+		if err != nil {
+			t.Fatalf("sanitised output %q: %v", out, err)
+		}
+		if i >= len(want) || name != want[i] {
+			t.Fatalf("sanitised output %q: member %d is %q, want the members %q", out, i, name, want)
+		}
+		if orig, _ := token.Field(want[i]); !bytes.Equal(value, orig) {
+			t.Fatalf("sanitised output %q: member %q is %s, want %s", out, want[i], value, orig)
+		}
+	}
+	if i != len(want) {
+		t.Fatalf("sanitised output %q has %d members, want %q", out, i, want)
+	}
+}
