@@ -48,6 +48,7 @@ func run() error {
 		rate       = flag.Float64("rate", 60, "requests per second per connection; 0 disables the limit (benchmarks only)")
 		socketDir  = flag.String("socket-dir", "", "`directory` for the socket (default: the per-user directory in the temp dir)")
 		verbose    = flag.Bool("v", false, "log every request (the audit log) on stderr")
+		maxConns   = flag.Int("max-connections", 0, "cap on concurrent `connections` (0: the default, 256)")
 		tokenURL   = flag.String("token-url", "", "OAuth2 token endpoint `URL`: refresh every provider's tokens there")
 		clientID   = flag.String("client-id", "", "OAuth2 client `id` for -token-url")
 		secret     = flag.String("client-secret", "", "OAuth2 client `secret` for -token-url (visible in ps; for tests)")
@@ -85,11 +86,12 @@ func run() error {
 		level = slog.LevelDebug
 	}
 	opts := credproxy.Options{
-		Store:      store,
-		Policy:     &allow,
-		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
-		RateLimit:  *rate,
-		Refreshers: refreshers,
+		Store:          store,
+		Policy:         &allow,
+		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+		RateLimit:      *rate,
+		Refreshers:     refreshers,
+		MaxConnections: *maxConns,
 	}
 	if *rate == 0 {
 		opts.RateLimit = -1

@@ -1,0 +1,172 @@
+package credproxy
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+// BenchmarkGetToken measures get_token round trips over a real Unix socket
+// (rate limit off) at 1, 16 and 64 connections, and in the same run the
+// floor: the same client against a bare server on the same framing that
+// answers a fixed response without decoding anything. Custom metrics:
+// req/s and p50/p99 latency for both, the ratios to the floor, and the
+// allocations per round trip (the client allocates nothing, so they are
+// the server's). The single-connection case runs on one CPU
+// (GOMAXPROCS=1): across CPUs, each round trip's wake-ups make its latency
+// bimodal.
+func BenchmarkGetToken(b *testing.B) {
+	for _, conns := range []int{1, 16, 64} {
+		b.Run(fmt.Sprintf("conns=%d", conns), func(b *testing.B) {
+			if conns == 1 {
+				defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+			}
+			request := frameOf(`{"v":1,"id":"1","op":"get_token","payload":{"provider":"anthropic"}}`)
+			st := NewMemoryStore()
+			st.SaveToken(context.Background(), "anthropic", "", mustToken(b, anthropicToken))
+			_, path := startServer(b, Options{Store: st, RateLimit: -1})
+			floorPath := startFloorServer(b, frameOf(`{"id":"1","ok":true,"data":`+anthropicTokenSanitised+`}`))
+
+			floor := roundTrips(b, floorPath, conns, b.N, request, false)
+			b.ResetTimer()
+			server := roundTrips(b, path, conns, b.N, request, true)
+			b.StopTimer()
+
+			b.ReportMetric(server.perSecond, "req/s")
+			b.ReportMetric(floor.perSecond, "floor-req/s")
+			b.ReportMetric(server.perSecond/floor.perSecond, "ratio-req/s")
+			b.ReportMetric(us(server.p50), "p50-µs")
+			b.ReportMetric(us(server.p99), "p99-µs")
+			b.ReportMetric(us(floor.p50), "floor-p50-µs")
+			b.ReportMetric(us(server.p50)/us(floor.p50), "ratio-p50")
+			b.ReportMetric(server.allocs, "allocs/req")
+			b.ReportMetric(0, "ns/op") // the custom metrics say it better
+		})
+	}
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// load is what roundTrips measured.
+type load struct {
+	perSecond float64
+	p50, p99  time.Duration
+	allocs    float64 // per request, whole process
+}
+
+// roundTrips sends n requests over conns connections to path, each
+// connection one request at a time, and measures them. The client side
+// reuses its buffers and allocates nothing per request. handshake says
+// whether the server expects one.
+func roundTrips(b *testing.B, path string, conns, n int, request []byte, handshake bool) load {
+	b.Helper()
+	clients := make([]net.Conn, conns)
+	for i := range clients {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		if handshake {
+			writeFrame(c, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`))
+			if _, err := readFrame(c, nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+		clients[i] = c
+	}
+	latencies := make([][]time.Duration, conns)
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	mallocs := ms.Mallocs
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		share := n / conns
+		if i < n%conns {
+			share++
+		}
+		lat := make([]time.Duration, 0, share)
+		wg.Go(func() {
+			buf := make([]byte, 0, 4096)
+			var header [4]byte
+			for range share {
+				t0 := time.Now()
+				if _, err := c.Write(request); err != nil {
+					b.Error(err)
+					return
+				}
+				if _, err := io.ReadFull(c, header[:]); err != nil {
+					b.Error(err)
+					return
+				}
+				size := int(binary.BigEndian.Uint32(header[:]))
+				buf = slices.Grow(buf[:0], size)[:size]
+				if _, err := io.ReadFull(c, buf); err != nil {
+					b.Error(err)
+					return
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			latencies[i] = lat
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	runtime.ReadMemStats(&ms)
+	all := slices.Concat(latencies...)
+	slices.Sort(all)
+	if len(all) == 0 {
+		return load{}
+	}
+	return load{
+		perSecond: float64(len(all)) / elapsed.Seconds(),
+		p50:       all[len(all)/2],
+		p99:       all[len(all)*99/100],
+		allocs:    float64(ms.Mallocs-mallocs) / float64(len(all)),
+	}
+}
+
+// startFloorServer serves the floor: it reads each frame (header, then
+// payload, with no buffering) and writes response, decoding nothing.
+func startFloorServer(b *testing.B, response []byte) string {
+	b.Helper()
+	ln, err := net.Listen("unix", testSocketDir(b)+"/floor.sock")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	b.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				buf := make([]byte, MaxFrameSize)
+				var header [4]byte
+				for {
+					if _, err := io.ReadFull(c, header[:]); err != nil {
+						return
+					}
+					if _, err := io.ReadFull(c, buf[:binary.BigEndian.Uint32(header[:])]); err != nil {
+						return
+					}
+					if _, err := c.Write(response); err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+	return ln.Addr().String()
+}
