@@ -16,6 +16,7 @@ package credproxy
 // the decoders can be fuzzed without a socket.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -59,6 +60,18 @@ const (
 )
 
 const opHandshake = "handshake"
+
+// knownOps are the operation names, quoted as they appear on the wire, so
+// that decoding a request's op needs no allocation in the common case.
+var knownOps = func() map[string]string {
+	m := make(map[string]string)
+	for _, op := range []string{opHandshake, string(OpGetToken), string(OpSaveToken), string(OpRemoveToken),
+		string(OpListProviders), string(OpListBuckets), string(OpGetBucketStats), string(OpGetAPIKey),
+		string(OpListAPIKeys), string(OpHasAPIKey), string(OpRefreshToken)} {
+		m[`"`+op+`"`] = op
+	}
+	return m
+}()
 
 // Code is an error code carried by a failure response.
 type Code string
@@ -213,7 +226,9 @@ func decodeRequest(frame []byte) (request, *protoError) {
 	req := request{version: env.V}
 	req.id = decodeID(env.ID)
 	if env.Op.Kind() == '"' {
-		if op, err := jsontext.AppendUnquote(nil, env.Op); err == nil {
+		if op, ok := knownOps[string(env.Op)]; ok { // the compiler makes this lookup without allocating
+			req.op, req.opOK = op, true
+		} else if op, err := jsontext.AppendUnquote(nil, env.Op); err == nil {
 			req.op, req.opOK = string(op), true
 		}
 	}
@@ -232,6 +247,12 @@ func decodeRequest(frame []byte) (request, *protoError) {
 func decodeID(raw jsontext.Value) string {
 	switch raw.Kind() {
 	case '"':
+		if !bytes.ContainsRune(raw, '\\') { // no escapes: the text between the quotes is the id
+			if len(raw)-2 > maxIDLen {
+				return ""
+			}
+			return string(raw[1 : len(raw)-1])
+		}
 		id, err := jsontext.AppendUnquote(nil, raw)
 		if err != nil || len(id) > maxIDLen {
 			return ""

@@ -692,7 +692,10 @@ func (c *conn) handle(frame []byte) {
 		c.writeFailure(req.id, &protoError{code: CodeResourceExhausted, msg: "too many requests in flight"}, 0)
 		return
 	}
-	c.handlers.Go(func() { c.srv.serveRequest(c, req.id, op, a) })
+	// A go statement with arguments costs one allocation; handlers.Go with
+	// a closure costs two.
+	c.handlers.Add(1)
+	go c.srv.serveRequest(c, req.id, op, a)
 }
 
 // writeFailure writes a failure response.
@@ -757,9 +760,10 @@ func failure(code Code, msg string) result { return result{fail: &protoError{cod
 // serveRequest runs a validated request against the policy and the store,
 // logs it, releases its in-flight slot and writes the response.
 func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
+	defer c.handlers.Done()
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(s.baseCtx, s.opts.StoreTimeout)
-	defer cancel()
+	ctx := newRequestContext(s.baseCtx, start.Add(s.opts.StoreTimeout))
+	defer ctx.release()
 
 	buf := getBuffer()
 	defer putBuffer(buf)
@@ -798,6 +802,89 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args) {
 	// that keeps 16 requests outstanding never meets RESOURCE_EXHAUSTED.
 	c.inFlight.Add(-1)
 	c.writeFramed(frame)
+}
+
+// requestContext is a request's context: the server's context with the
+// store deadline. context.WithTimeout costs four allocations per request;
+// this costs one, because its Done channel, timer and link to the server's
+// context are made only if a store asks for Done. Err is exact either
+// way: it reads the clock and the server's context. It carries no values,
+// so context.Cause of it is its Err.
+type requestContext struct {
+	base     context.Context
+	deadline time.Time
+
+	mu       sync.Mutex
+	done     chan struct{} // made by the first Done
+	err      error
+	timer    *time.Timer
+	stopBase func() bool
+}
+
+func newRequestContext(base context.Context, deadline time.Time) *requestContext {
+	return &requestContext{base: base, deadline: deadline}
+}
+
+func (c *requestContext) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func (c *requestContext) Value(any) any { return nil }
+
+func (c *requestContext) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.checkLocked()
+}
+
+// checkLocked sets err once the server's context ends or the deadline
+// passes, closing done if it exists, and returns err.
+func (c *requestContext) checkLocked() error {
+	if c.err != nil {
+		return c.err
+	}
+	if err := c.base.Err(); err != nil {
+		c.err = err
+	} else if !time.Now().Before(c.deadline) {
+		c.err = context.DeadlineExceeded
+	}
+	if c.err != nil && c.done != nil {
+		close(c.done)
+	}
+	return c.err
+}
+
+func (c *requestContext) Done() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done != nil {
+		return c.done
+	}
+	c.done = make(chan struct{})
+	if c.err != nil {
+		close(c.done)
+		return c.done
+	}
+	if c.checkLocked() == nil {
+		c.timer = time.AfterFunc(time.Until(c.deadline), func() { c.Err() })
+		c.stopBase = context.AfterFunc(c.base, func() { c.Err() })
+	}
+	return c.done
+}
+
+// release ends the context when its request is done, as the cancel of
+// context.WithTimeout does.
+func (c *requestContext) release() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.timer != nil {
+		c.timer.Stop()
+		c.stopBase()
+	}
+	if c.err == nil {
+		c.err = context.Canceled
+		if c.done != nil {
+			close(c.done)
+		}
+	}
 }
 
 // exec performs op and appends its data object to dst.

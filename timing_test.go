@@ -286,3 +286,63 @@ func (s slowKeys) GetAPIKey(ctx context.Context, name string) (Secret, error) {
 	time.Sleep(time.Second)
 	return s.MemoryStore.GetAPIKey(ctx, name)
 }
+
+// A request's context keeps the context contract without its eager
+// allocations: Err and Done agree at the deadline, whether or not Done was
+// asked for first; the server's context ending ends it; a child context
+// follows it; and release ends it with Canceled.
+func TestRequestContextKeepsTheContract(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		base, cancelBase := context.WithCancel(context.Background())
+		defer cancelBase()
+		lazy := newRequestContext(base, time.Now().Add(15*time.Second))
+		eager := newRequestContext(base, time.Now().Add(15*time.Second))
+		child, cancelChild := context.WithCancel(eager)
+		defer cancelChild()
+		done := eager.Done()
+		if lazy.Err() != nil || eager.Err() != nil {
+			t.Fatal("ended before its deadline")
+		}
+		time.Sleep(15 * time.Second)
+		synctest.Wait()
+		select {
+		case <-done:
+		default:
+			t.Fatal("Done not closed at the deadline")
+		}
+		if !errors.Is(eager.Err(), context.DeadlineExceeded) || !errors.Is(child.Err(), context.DeadlineExceeded) {
+			t.Errorf("at the deadline: Err %v, child %v", eager.Err(), child.Err())
+		}
+		if !errors.Is(lazy.Err(), context.DeadlineExceeded) {
+			t.Errorf("Err without Done at the deadline: %v", lazy.Err())
+		}
+		select {
+		case <-lazy.Done(): // made after the deadline: closed at once
+		default:
+			t.Error("Done asked for after the deadline is open")
+		}
+		if !errors.Is(context.Cause(eager), context.DeadlineExceeded) {
+			t.Errorf("Cause = %v", context.Cause(eager))
+		}
+
+		byBase := newRequestContext(base, time.Now().Add(time.Hour))
+		d := byBase.Done()
+		cancelBase()
+		synctest.Wait()
+		select {
+		case <-d:
+		default:
+			t.Fatal("Done not closed when the server's context ended")
+		}
+		if !errors.Is(byBase.Err(), context.Canceled) {
+			t.Errorf("after the server's context ended: %v", byBase.Err())
+		}
+
+		released := newRequestContext(context.Background(), time.Now().Add(time.Hour))
+		d = released.Done()
+		released.release()
+		if _, open := <-d; open || !errors.Is(released.Err(), context.Canceled) {
+			t.Errorf("after release: %v", released.Err())
+		}
+	})
+}
