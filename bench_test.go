@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"runtime"
 	"slices"
@@ -22,16 +23,32 @@ import (
 // the server's). The single-connection case runs on one CPU
 // (GOMAXPROCS=1): across CPUs, each round trip's wake-ups make its latency
 // bimodal.
+//
+// conns=16/audit-log runs with the audit log on (debug level, JSON, to
+// io.Discard), to state its cost; the other cases run with the default
+// logger, which discards everything without formatting it.
 func BenchmarkGetToken(b *testing.B) {
-	for _, conns := range []int{1, 16, 64} {
-		b.Run(fmt.Sprintf("conns=%d", conns), func(b *testing.B) {
+	for _, c := range []struct {
+		conns int
+		audit bool
+	}{{1, false}, {16, false}, {64, false}, {16, true}} {
+		conns := c.conns
+		name := fmt.Sprintf("conns=%d", conns)
+		if c.audit {
+			name += "/audit-log"
+		}
+		b.Run(name, func(b *testing.B) {
 			if conns == 1 {
 				defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 			}
 			request := frameOf(`{"v":1,"id":"1","op":"get_token","payload":{"provider":"anthropic"}}`)
 			st := NewMemoryStore()
 			st.SaveToken(context.Background(), "anthropic", "", mustToken(b, anthropicToken))
-			_, path := startServer(b, Options{Store: st, RateLimit: -1})
+			opts := Options{Store: st, RateLimit: -1}
+			if c.audit {
+				opts.Logger = slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			}
+			_, path := startServer(b, opts)
 			floorPath := startFloorServer(b, frameOf(`{"id":"1","ok":true,"data":`+anthropicTokenSanitised+`}`))
 
 			floor := roundTrips(b, floorPath, conns, b.N, request, false)
