@@ -538,7 +538,7 @@ func (c *Client) RefreshToken(ctx context.Context, provider, bucket string) (Tok
 func (c *Client) SaveToken(ctx context.Context, provider, bucket string, token Token) error {
 	p := tokenPayload(provider, bucket)
 	p = append(p[:len(p)-1], `,"token":`...)
-	p = token.WithoutRefreshToken().appendJSON(p, false)
+	p = token.appendSanitised(p)
 	_, err := c.call(ctx, OpSaveToken, append(p, '}'))
 	return err
 }

@@ -196,21 +196,90 @@ const unknownID = "unknown"
 
 // envelope is the top level of every frame. Member names match exactly and
 // unknown members are ignored (R6.4); the json package rejects duplicate
-// names at any depth and invalid UTF-8.
+// names at any depth and invalid UTF-8. Each member decodes itself from the
+// raw value as it is read, so that decoding copies nothing but the id and
+// the payload, and the payload into a buffer its requestDecoder reuses.
 type envelope struct {
-	V       jsontext.Value `json:"v"`
-	ID      jsontext.Value `json:"id"`
-	Op      jsontext.Value `json:"op"`
-	Payload jsontext.Value `json:"payload"`
+	V       envVersion `json:"v"`
+	ID      envID      `json:"id"`
+	Op      envOp      `json:"op"`
+	Payload envPayload `json:"payload"`
+}
+
+type envVersion struct {
+	n  int64
+	ok bool // an integer
+}
+
+func (v *envVersion) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	raw, err := dec.ReadValue()
+	v.n, v.ok = clampedInt(raw)
+	return err
+}
+
+type envID string
+
+func (id *envID) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	raw, err := dec.ReadValue()
+	*id = envID(decodeID(raw))
+	return err
+}
+
+type envOp struct {
+	op string
+	ok bool // a string
+}
+
+func (o *envOp) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	raw, err := dec.ReadValue()
+	*o = envOp{}
+	if err == nil && raw.Kind() == '"' {
+		if op, known := knownOps[string(raw)]; known { // the compiler makes this lookup without allocating
+			*o = envOp{op, true}
+		} else if op, err := jsontext.AppendUnquote(nil, raw); err == nil {
+			*o = envOp{string(op), true}
+		}
+	}
+	return err
+}
+
+type envPayload struct {
+	buf   []byte // the payload object, when there is one
+	isObj bool
+	bad   bool // present, but neither an object nor null
+}
+
+func (p *envPayload) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
+	raw, err := dec.ReadValue()
+	if err != nil {
+		return err
+	}
+	p.isObj, p.bad = false, false
+	switch raw.Kind() {
+	case 'n':
+	case '{':
+		p.buf, p.isObj = append(p.buf[:0], raw...), true
+	default:
+		p.bad = true
+	}
+	return nil
+}
+
+// requestDecoder decodes the envelopes of one connection, reusing its
+// envelope and payload buffer; the payload of a request it returns is valid
+// until its next decode.
+type requestDecoder struct {
+	env envelope
 }
 
 // request is a decoded envelope.
 type request struct {
-	id      string         // "" when the id is missing or invalid
-	op      string         // "" when missing or not a string
-	opOK    bool           // op was a string
-	version jsontext.Value // top-level v, raw; nil when absent
-	payload jsontext.Value // raw object; nil when absent or null
+	id        string         // "" when the id is missing or invalid
+	op        string         // "" when missing or not a string
+	opOK      bool           // op was a string
+	version   int64          // top-level v, when versionOK
+	versionOK bool           // v is present and an integer
+	payload   jsontext.Value // raw object; nil when absent or null
 	// payloadErr is set when payload is present but not an object or null.
 	payloadErr bool
 }
@@ -219,25 +288,20 @@ type request struct {
 // here; a bad id, op or payload is recorded for the caller to answer in the
 // order the protocol sets.
 func decodeRequest(frame []byte) (request, *protoError) {
-	var env envelope
-	if err := json.Unmarshal(frame, &env); err != nil {
+	var d requestDecoder
+	return d.decode(frame)
+}
+
+func (d *requestDecoder) decode(frame []byte) (request, *protoError) {
+	d.env = envelope{Payload: envPayload{buf: d.env.Payload.buf[:0]}}
+	if err := json.Unmarshal(frame, &d.env); err != nil {
 		return request{}, jsonError(err, "request")
 	}
-	req := request{version: env.V}
-	req.id = decodeID(env.ID)
-	if env.Op.Kind() == '"' {
-		if op, ok := knownOps[string(env.Op)]; ok { // the compiler makes this lookup without allocating
-			req.op, req.opOK = op, true
-		} else if op, err := jsontext.AppendUnquote(nil, env.Op); err == nil {
-			req.op, req.opOK = string(op), true
-		}
-	}
-	switch env.Payload.Kind() {
-	case 0, 'n':
-	case '{':
-		req.payload = env.Payload
-	default:
-		req.payloadErr = true
+	env := &d.env
+	req := request{id: string(env.ID), op: env.Op.op, opOK: env.Op.ok, version: env.V.n, versionOK: env.V.ok,
+		payloadErr: env.Payload.bad}
+	if env.Payload.isObj {
+		req.payload = env.Payload.buf
 	}
 	return req, nil
 }
@@ -312,7 +376,7 @@ func negotiate(req request) (int, bool) {
 			return ProtocolVersion, true
 		}
 	case !hasMin && !hasMax:
-		if v, ok := clampedInt(req.version); ok && v == ProtocolVersion {
+		if req.versionOK && req.version == ProtocolVersion {
 			return ProtocolVersion, true
 		}
 	}

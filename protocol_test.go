@@ -10,6 +10,9 @@ import (
 	"testing"
 	"testing/iotest"
 	"unicode/utf16"
+
+	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
 )
 
 func frameOf(payload string) []byte {
@@ -171,6 +174,7 @@ func FuzzDecodeRequest(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		req, perr := decodeRequest(frame)
+		compareWithReference(t, frame, req, perr)
 		negotiate(req)
 		if perr != nil {
 			if perr.code != CodeInvalidRequest || perr.msg == "" {
@@ -339,4 +343,48 @@ func (p *dupScanner) hex4() rune {
 	}
 	p.i += 4
 	return r
+}
+
+// referenceEnvelope and decodeReferenceRequest are the straightforward
+// decoder the allocation-saving one replaced: plain jsontext.Value members.
+// FuzzDecodeRequest checks that both decode every frame alike.
+type referenceEnvelope struct {
+	V       jsontext.Value `json:"v"`
+	ID      jsontext.Value `json:"id"`
+	Op      jsontext.Value `json:"op"`
+	Payload jsontext.Value `json:"payload"`
+}
+
+func compareWithReference(t *testing.T, frame []byte, req request, perr *protoError) {
+	t.Helper()
+	var env referenceEnvelope
+	if err := json.Unmarshal(frame, &env); err != nil {
+		want := jsonError(err, "request")
+		if perr == nil || *perr != *want {
+			t.Fatalf("frame %q: error %v, reference %v", frame, perr, want)
+		}
+		return
+	}
+	if perr != nil {
+		t.Fatalf("frame %q: error %v, reference none", frame, perr)
+	}
+	want := request{id: decodeID(env.ID)}
+	if env.Op.Kind() == '"' {
+		if op, err := jsontext.AppendUnquote(nil, env.Op); err == nil {
+			want.op, want.opOK = string(op), true
+		}
+	}
+	want.version, want.versionOK = clampedInt(env.V)
+	switch env.Payload.Kind() {
+	case 0, 'n':
+	case '{':
+		want.payload = env.Payload
+	default:
+		want.payloadErr = true
+	}
+	if req.id != want.id || req.op != want.op || req.opOK != want.opOK || req.versionOK != want.versionOK ||
+		(req.versionOK && req.version != want.version) || !bytes.Equal(req.payload, want.payload) ||
+		(req.payload == nil) != (want.payload == nil) || req.payloadErr != want.payloadErr {
+		t.Fatalf("frame %q: decoded %+v, reference %+v", frame, req, want)
+	}
 }

@@ -534,6 +534,7 @@ type conn struct {
 	frame   []byte
 	limiter *connLimiter
 
+	dec        requestDecoder // used by the reader goroutine only
 	handshaken atomic.Bool
 	inFlight   atomic.Int32
 	handlers   sync.WaitGroup
@@ -634,7 +635,7 @@ func (c *conn) handshake(deadline time.Time) bool {
 		c.readFailed(err)
 		return false
 	}
-	req, perr := decodeRequest(frame)
+	req, perr := c.dec.decode(frame)
 	switch {
 	case perr != nil:
 		c.writeFailure(unknownID, perr, 0)
@@ -662,7 +663,7 @@ func echoID(id string) string {
 // protocol sets: rate limit, id and op, payload schema, then (in its own
 // goroutine) policy and store.
 func (c *conn) handle(frame []byte) {
-	req, perr := decodeRequest(frame)
+	req, perr := c.dec.decode(frame)
 	if ok, retryAfter := c.limiter.allow(time.Now()); !ok {
 		c.writeFailure(echoID(req.id), &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter)
 		return
@@ -909,7 +910,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 			}
 		}
 		s.refresh.watch(a.provider, a.bucket, tok, false)
-		return result{data: tok.WithoutRefreshToken().appendJSON(dst, false)}
+		return result{data: tok.appendSanitised(dst)}
 
 	case OpSaveToken:
 		if err := s.saveToken(ctx, a.provider, a.bucket, a.token); err != nil {
@@ -985,7 +986,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		if err != nil {
 			return s.refreshFailure(ctx, op, a, err)
 		}
-		return result{data: tok.WithoutRefreshToken().appendJSON(dst, false)}
+		return result{data: tok.appendSanitised(dst)}
 	}
 	return failure(CodeInvalidRequest, "unknown operation")
 }
