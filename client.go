@@ -76,10 +76,13 @@ type Client struct {
 var _ Store = (*Client)(nil)
 
 // clientConn is one connection of a Client. Its fields other than nc and
-// wmu are guarded by Client.mu.
+// writing are guarded by Client.mu.
 type clientConn struct {
-	nc      net.Conn
-	wmu     sync.Mutex
+	nc net.Conn
+	// writing holds a token while a request is being written. A channel,
+	// not a mutex, so that a call waiting its turn gives up when its
+	// context ends.
+	writing chan struct{}
 	pending map[string]chan<- callResult
 	closing bool // closed on purpose: idle or Client.Close
 
@@ -218,7 +221,7 @@ func (c *Client) connect(ctx context.Context) (*clientConn, error) {
 		nc.Close()
 		return nil, err
 	}
-	cc = &clientConn{nc: nc, pending: make(map[string]chan<- callResult)}
+	cc = &clientConn{nc: nc, writing: make(chan struct{}, 1), pending: make(map[string]chan<- callResult)}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
@@ -469,8 +472,12 @@ func (c *Client) write(ctx context.Context, cc *clientConn, frame []byte) error 
 	if err != nil {
 		return err
 	}
-	cc.wmu.Lock()
-	defer cc.wmu.Unlock()
+	select {
+	case cc.writing <- struct{}{}:
+	case <-ctx.Done():
+		return errorf("write request: %w", ctx.Err())
+	}
+	defer func() { <-cc.writing }()
 	dl, _ := ctx.Deadline()
 	cc.nc.SetWriteDeadline(dl)
 	if _, err := cc.nc.Write(frame); err != nil {

@@ -1004,7 +1004,11 @@ func TestCustomPolicyDecidesPerRequest(t *testing.T) {
 // write, read at once, so the bucket has no time to refill.
 // TestRateLimitAtFixedInstant checks the same with a frozen clock.)
 func TestBurstOverRateLimitIsRefused(t *testing.T) {
-	_, path := startServer(t, Options{Store: defaultStore(t), MaxInFlight: 100})
+	// A MemoryStore whatever the suite runs on: a slow store would slow the
+	// reading of the burst, and the bucket refills in real time.
+	st := NewMemoryStore()
+	st.SaveAPIKey(t.Context(), "openai", fakeAPIKey)
+	_, path := startServer(t, Options{Store: st, MaxInFlight: 100})
 	r := dialRaw(t, path)
 	r.handshake()
 	const burst = 70
