@@ -574,10 +574,7 @@ const inlineBudget = 50 * time.Microsecond
 // then finishes it; or, if a request it runs outlives inlineBudget, leaves
 // the rest to the goroutine that took over (see takeOver).
 func (c *conn) readRequests() {
-	// Each reader has its own handover timer: once it fires, this reader
-	// ends after its request and the new one makes its own, so no timer is
-	// ever reset by two readers.
-	var handover *time.Timer
+	r := &reader{c: c}
 	for {
 		frame, err := c.readFrame(time.Time{})
 		if err != nil {
@@ -589,9 +586,66 @@ func (c *conn) readRequests() {
 			c.finish()
 			return
 		}
-		if handedOver := c.handle(frame, &handover); handedOver {
+		if handedOver := c.handle(frame, r); handedOver {
 			return
 		}
+	}
+}
+
+// reader is one goroutine's turn at reading a connection, and the watch on
+// the request it runs. Its timer is armed when a request starts and the
+// timer is not already running, and it re-arms itself while requests keep
+// coming, so that a stream of fast requests costs a timer operation per
+// inlineBudget, not two per request. When it finds a request older than
+// inlineBudget, it ends this reader's turn and starts the next reader.
+type reader struct {
+	c *conn
+
+	mu        sync.Mutex
+	busySince time.Time // start of the running request; zero between requests
+	armed     bool
+	over      bool // the turn has passed to another reader
+	timer     *time.Timer
+}
+
+// begin marks the start of a request.
+func (r *reader) begin(now time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.busySince = now
+	if r.armed {
+		return
+	}
+	r.armed = true
+	if r.timer == nil {
+		r.timer = time.AfterFunc(inlineBudget, r.check)
+	} else {
+		r.timer.Reset(inlineBudget)
+	}
+}
+
+// end marks the end of a request and reports whether the turn has passed.
+func (r *reader) end() (over bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.busySince = time.Time{}
+	return r.over
+}
+
+// check runs when the timer fires.
+func (r *reader) check() {
+	r.mu.Lock()
+	switch age := time.Since(r.busySince); {
+	case r.busySince.IsZero():
+		r.armed = false
+		r.mu.Unlock()
+	case age < inlineBudget:
+		r.timer.Reset(inlineBudget - age)
+		r.mu.Unlock()
+	default:
+		r.over, r.armed = true, false
+		r.mu.Unlock()
+		r.c.takeOver()
 	}
 }
 
@@ -698,7 +752,7 @@ func echoID(id string) string {
 // protocol sets: rate limit, id and op, payload schema, then policy and
 // store. It reports whether, while a request ran, another goroutine took
 // over reading the connection.
-func (c *conn) handle(frame []byte, handover **time.Timer) (handedOver bool) {
+func (c *conn) handle(frame []byte, r *reader) (handedOver bool) {
 	req, perr := c.dec.decode(frame)
 	if ok, retryAfter := c.limiter.allow(time.Now()); !ok {
 		c.writeFailure(echoID(req.id), &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter)
@@ -730,13 +784,9 @@ func (c *conn) handle(frame []byte, handover **time.Timer) (handedOver bool) {
 		return false
 	}
 	c.handlers.Add(1)
-	if *handover == nil {
-		*handover = time.AfterFunc(inlineBudget, c.takeOver)
-	} else {
-		(*handover).Reset(inlineBudget)
-	}
+	r.begin(time.Now())
 	c.srv.serveRequest(c, req.id, op, a)
-	return !(*handover).Stop()
+	return r.end()
 }
 
 // writeFailure writes a failure response.
