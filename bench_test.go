@@ -25,17 +25,19 @@ import (
 // bimodal.
 //
 // conns=16/audit-log runs with the audit log on (debug level, JSON, to
-// io.Discard), to state its cost; the other cases run with the default
-// logger, which discards everything without formatting it.
+// io.Discard), to state its cost; conns=16/info-logger with a real logger
+// at Info level, where the audit log is off, to show that off costs
+// nothing next to the default (nil) logger the other cases use.
 func BenchmarkGetToken(b *testing.B) {
 	for _, c := range []struct {
-		conns int
-		audit bool
-	}{{1, false}, {16, false}, {64, false}, {16, true}} {
+		conns  int
+		logger string // "": none; else the sub-benchmark's name, a JSON logger to io.Discard
+		level  slog.Level
+	}{{1, "", 0}, {16, "", 0}, {64, "", 0}, {16, "audit-log", slog.LevelDebug}, {16, "info-logger", slog.LevelInfo}} {
 		conns := c.conns
 		name := fmt.Sprintf("conns=%d", conns)
-		if c.audit {
-			name += "/audit-log"
+		if c.logger != "" {
+			name += "/" + c.logger
 		}
 		b.Run(name, func(b *testing.B) {
 			if conns == 1 {
@@ -45,8 +47,8 @@ func BenchmarkGetToken(b *testing.B) {
 			st := NewMemoryStore()
 			st.SaveToken(context.Background(), "anthropic", "", mustToken(b, anthropicToken))
 			opts := Options{Store: st, RateLimit: -1}
-			if c.audit {
-				opts.Logger = slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			if c.logger != "" {
+				opts.Logger = slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: c.level}))
 			}
 			_, path := startServer(b, opts)
 			floorPath := startFloorServer(b, frameOf(`{"id":"1","ok":true,"data":`+anthropicTokenSanitised+`}`))
