@@ -17,12 +17,14 @@ import (
 // BenchmarkGetToken measures get_token round trips over a real Unix socket
 // (rate limit off) at 1, 16 and 64 connections, and in the same run the
 // floor: the same client against a bare server on the same framing that
-// answers a fixed response without decoding anything. Custom metrics:
-// req/s and p50/p99 latency for both, the ratios to the floor, and the
-// allocations per round trip (the client allocates nothing, so they are
-// the server's). The single-connection case runs on one CPU
-// (GOMAXPROCS=1): across CPUs, each round trip's wake-ups make its latency
-// bimodal.
+// answers a fixed response without decoding anything. The two are
+// measured in alternating slices. Custom metrics: req/s and p50/p99
+// latency for both, the ratios to the floor, the allocations per round
+// trip (the client allocates nothing, so they are the server's), and the
+// process's CPU time per round trip for both (client and server: the
+// difference is the server's own work). The single-connection case runs on
+// one CPU (GOMAXPROCS=1): across CPUs, each round trip's wake-ups make its
+// latency bimodal.
 //
 // conns=16/audit-log runs with the audit log on (debug level, JSON, to
 // io.Discard), to state its cost; conns=16/info-logger with a real logger
@@ -52,20 +54,32 @@ func BenchmarkGetToken(b *testing.B) {
 			}
 			_, path := startServer(b, opts)
 			floorPath := startFloorServer(b, frameOf(`{"id":"1","ok":true,"data":`+anthropicTokenSanitised+`}`))
+			floorConns := dial(b, floorPath, conns, false)
+			serverConns := dial(b, path, conns, true)
 
-			floor := roundTrips(b, floorPath, conns, b.N, request, false)
+			// The two alternate in slices, so that both meet the same
+			// moments of a noisy machine: measured one after the other,
+			// their ratio drifted by a third between runs.
+			var floor, server load
 			b.ResetTimer()
-			server := roundTrips(b, path, conns, b.N, request, true)
+			for i := range benchSlices {
+				n := b.N/benchSlices + min(1, max(0, b.N%benchSlices-i))
+				floor.add(b, floorConns, n, request)
+				server.add(b, serverConns, n, request)
+			}
 			b.StopTimer()
 
-			b.ReportMetric(server.perSecond, "req/s")
-			b.ReportMetric(floor.perSecond, "floor-req/s")
-			b.ReportMetric(server.perSecond/floor.perSecond, "ratio-req/s")
-			b.ReportMetric(us(server.p50), "p50-µs")
-			b.ReportMetric(us(server.p99), "p99-µs")
-			b.ReportMetric(us(floor.p50), "floor-p50-µs")
-			b.ReportMetric(us(server.p50)/us(floor.p50), "ratio-p50")
-			b.ReportMetric(server.allocs, "allocs/req")
+			b.ReportMetric(server.perSecond(), "req/s")
+			b.ReportMetric(floor.perSecond(), "floor-req/s")
+			b.ReportMetric(server.perSecond()/floor.perSecond(), "ratio-req/s")
+			b.ReportMetric(us(server.quantile(0.50)), "p50-µs")
+			b.ReportMetric(us(server.quantile(0.99)), "p99-µs")
+			b.ReportMetric(us(floor.quantile(0.50)), "floor-p50-µs")
+			b.ReportMetric(us(server.quantile(0.50))/us(floor.quantile(0.50)), "ratio-p50")
+			b.ReportMetric(server.allocs(), "allocs/req")
+			b.ReportMetric(us(server.cpu)/float64(len(server.latencies)), "cpu-µs/req")
+			b.ReportMetric(us(floor.cpu)/float64(len(floor.latencies)), "floor-cpu-µs/req")
+			b.ReportMetric(us(floor.quantile(0.99)), "floor-p99-µs")
 			b.ReportMetric(0, "ns/op") // the custom metrics say it better
 		})
 	}
@@ -73,18 +87,32 @@ func BenchmarkGetToken(b *testing.B) {
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
-// load is what roundTrips measured.
+// benchSlices is how many alternating slices the floor and the server
+// are measured in.
+const benchSlices = 20
+
+// load accumulates what round trips measured.
 type load struct {
-	perSecond float64
-	p50, p99  time.Duration
-	allocs    float64 // per request, whole process
+	latencies []time.Duration // sorted by quantile
+	elapsed   time.Duration
+	mallocs   uint64 // whole process
+	cpu       time.Duration
 }
 
-// roundTrips sends n requests over conns connections to path, each
-// connection one request at a time, and measures them. The client side
-// reuses its buffers and allocates nothing per request. handshake says
-// whether the server expects one.
-func roundTrips(b *testing.B, path string, conns, n int, request []byte, handshake bool) load {
+func (l *load) perSecond() float64 { return float64(len(l.latencies)) / l.elapsed.Seconds() }
+func (l *load) allocs() float64    { return float64(l.mallocs) / float64(len(l.latencies)) }
+
+func (l *load) quantile(q float64) time.Duration {
+	if len(l.latencies) == 0 {
+		return 0
+	}
+	slices.Sort(l.latencies)
+	return l.latencies[int(float64(len(l.latencies)-1)*q)]
+}
+
+// dial opens conns connections to path; handshake says whether the server
+// expects one.
+func dial(b *testing.B, path string, conns int, handshake bool) []net.Conn {
 	b.Helper()
 	clients := make([]net.Conn, conns)
 	for i := range clients {
@@ -92,7 +120,7 @@ func roundTrips(b *testing.B, path string, conns, n int, request []byte, handsha
 		if err != nil {
 			b.Fatal(err)
 		}
-		defer c.Close()
+		b.Cleanup(func() { c.Close() })
 		if handshake {
 			writeFrame(c, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`))
 			if _, err := readFrame(c, nil); err != nil {
@@ -101,10 +129,20 @@ func roundTrips(b *testing.B, path string, conns, n int, request []byte, handsha
 		}
 		clients[i] = c
 	}
+	return clients
+}
+
+// add sends n requests spread over clients, each connection one request at
+// a time, and adds what it measured to l. The client side reuses its
+// buffers and allocates nothing per request.
+func (l *load) add(b *testing.B, clients []net.Conn, n int, request []byte) {
+	b.Helper()
+	conns := len(clients)
 	latencies := make([][]time.Duration, conns)
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	mallocs := ms.Mallocs
+	cpu := processCPU()
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i, c := range clients {
@@ -138,18 +176,12 @@ func roundTrips(b *testing.B, path string, conns, n int, request []byte, handsha
 		})
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
+	l.elapsed += time.Since(start)
+	l.cpu += processCPU() - cpu
 	runtime.ReadMemStats(&ms)
-	all := slices.Concat(latencies...)
-	slices.Sort(all)
-	if len(all) == 0 {
-		return load{}
-	}
-	return load{
-		perSecond: float64(len(all)) / elapsed.Seconds(),
-		p50:       all[len(all)/2],
-		p99:       all[len(all)*99/100],
-		allocs:    float64(ms.Mallocs-mallocs) / float64(len(all)),
+	l.mallocs += ms.Mallocs - mallocs
+	for _, lat := range latencies {
+		l.latencies = append(l.latencies, lat...)
 	}
 }
 
