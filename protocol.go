@@ -233,14 +233,25 @@ type envOp struct {
 func (o *envOp) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
 	raw, err := dec.ReadValue()
 	*o = envOp{}
-	if err == nil && raw.Kind() == '"' {
-		if op, known := knownOps[string(raw)]; known { // the compiler makes this lookup without allocating
-			*o = envOp{op, true}
-		} else if op, err := jsontext.AppendUnquote(nil, raw); err == nil {
-			*o = envOp{string(op), true}
-		}
+	if err == nil {
+		o.op, o.ok = decodeOp(raw)
 	}
 	return err
+}
+
+// decodeOp returns the text of an op value and whether it is a string.
+func decodeOp(raw jsontext.Value) (string, bool) {
+	if raw.Kind() != '"' {
+		return "", false
+	}
+	if op, known := knownOps[string(raw)]; known { // the compiler makes this lookup without allocating
+		return op, true
+	}
+	op, err := jsontext.AppendUnquote(nil, raw)
+	if err != nil {
+		return "", false
+	}
+	return string(op), true
 }
 
 type envPayload struct {
@@ -266,10 +277,28 @@ func (p *envPayload) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
 }
 
 // requestDecoder decodes the envelopes of one connection, reusing its
-// envelope and payload buffer; the payload of a request it returns is valid
-// until its next decode.
+// buffers; the payload of a request it returns is valid until its next
+// decode, or until the frame it decoded is overwritten.
+//
+// Most frames take the token path (decodeTokens): one pass of a
+// jsontext.Decoder over the frame, which enforces every rule of the
+// spec's JSON (syntax, UTF-8, duplicate names at any depth, one value),
+// with no reflection. Whatever that path does not take on (an escaped
+// member name, anything malformed) is decoded by json.Unmarshal into
+// envelope, which also gives the error its message. FuzzDecodeRequest
+// checks that the two agree with a reference decoder on every frame.
 type requestDecoder struct {
-	env envelope
+	frame bytes.Buffer // wraps the frame, which jsontext then reads in place
+	dec   jsontext.Decoder
+	env   envelope
+
+	// The payloads the token path validates (see valid), and the names it
+	// last accepted, by payload shape (see decodeArgs).
+	tokenArgs                        tokenArgs
+	bucket                           string
+	names                            providerArgs
+	key                              keyArgs
+	lastToken, lastProvider, lastKey acceptedNames
 }
 
 // request is a decoded envelope.
@@ -282,6 +311,7 @@ type request struct {
 	payload   jsontext.Value // raw object; nil when absent or null
 	// payloadErr is set when payload is present but not an object or null.
 	payloadErr bool
+	members    payloadMembers // of payload, when the token path read them
 }
 
 // decodeRequest parses a frame into a request. Only malformed JSON fails
@@ -293,6 +323,9 @@ func decodeRequest(frame []byte) (request, *protoError) {
 }
 
 func (d *requestDecoder) decode(frame []byte) (request, *protoError) {
+	if req, ok := d.decodeTokens(frame); ok {
+		return req, nil
+	}
 	d.env = envelope{Payload: envPayload{buf: d.env.Payload.buf[:0]}}
 	if err := json.Unmarshal(frame, &d.env); err != nil {
 		return request{}, jsonError(err, "request")
@@ -304,6 +337,58 @@ func (d *requestDecoder) decode(frame []byte) (request, *protoError) {
 		req.payload = env.Payload.buf
 	}
 	return req, nil
+}
+
+// decodeTokens decodes a well-formed frame whose top-level member names
+// have no escapes, reading the frame in place: the payload it returns
+// aliases the frame. It reports false for anything else, and then the
+// caller decodes the frame again.
+func (d *requestDecoder) decodeTokens(frame []byte) (req request, ok bool) {
+	dec := d.reset(frame)
+	if tok, err := dec.ReadToken(); err != nil || tok.Kind() != '{' {
+		return request{}, false
+	}
+	for dec.PeekKind() == '"' {
+		name, err := dec.ReadValue()
+		if err != nil || bytes.IndexByte(name, '\\') >= 0 {
+			return request{}, false
+		}
+		if string(name) == `"payload"` && dec.PeekKind() == '{' {
+			if req.payload, req.members, ok = readPayload(dec, frame); !ok {
+				return request{}, false
+			}
+			req.payloadErr = false
+			continue
+		}
+		value, err := dec.ReadValue()
+		if err != nil {
+			return request{}, false
+		}
+		switch string(name[1 : len(name)-1]) {
+		case "v":
+			req.version, req.versionOK = clampedInt(value)
+		case "id":
+			req.id = decodeID(value)
+		case "op":
+			req.op, req.opOK = decodeOp(value)
+		case "payload": // not an object
+			req.payload, req.members, req.payloadErr = nil, payloadMembers{}, value.Kind() != 'n'
+		}
+	}
+	if tok, err := dec.ReadToken(); err != nil || tok.Kind() != '}' {
+		return request{}, false
+	}
+	if _, err := dec.ReadToken(); err != io.EOF { // one value, and nothing after it
+		return request{}, false
+	}
+	return req, true
+}
+
+// reset points the decoder at data, which it reads in place.
+func (d *requestDecoder) reset(data []byte) *jsontext.Decoder {
+	d.frame = *bytes.NewBuffer(data)
+	d.dec.Reset(&d.frame)
+	return &d.dec
 }
 
 // decodeID returns the request id as it is echoed: a non-empty string as
@@ -440,6 +525,175 @@ func newValidator() *validator.Validate {
 		return name
 	})
 	return v
+}
+
+// decodeArgs parses and validates the payload of a known operation, as
+// the function decodeArgs does; members are the payload's, if decode read
+// them. Payloads whose members are all names, given as strings without
+// escapes, take the token path and the same validator; anything else, and anything the validator refuses, is left to
+// the function, which also words the error.
+//
+// The names the validator last accepted are kept, one set per payload
+// shape: a connection mostly asks for the same provider again, and the
+// validator's verdict on the same names cannot change, so a repeat is
+// answered without it and without copying the names again.
+func (d *requestDecoder) decodeArgs(op Op, payload jsontext.Value, members payloadMembers) (args, *protoError) {
+	var last *acceptedNames
+	var name0, name1 string // quoted, as on the wire
+	switch op {
+	case OpGetToken, OpRemoveToken, OpGetBucketStats, OpRefreshToken:
+		last, name0, name1 = &d.lastToken, `"provider"`, `"bucket"`
+	case OpListBuckets:
+		last, name0 = &d.lastProvider, `"provider"`
+	case OpGetAPIKey, OpHasAPIKey:
+		last, name0 = &d.lastKey, `"name"`
+	default:
+		return decodeArgs(op, payload)
+	}
+	if !members.read {
+		members = d.membersOf(payload)
+	}
+	raw, set, ok := members.match(name0, name1)
+	if !ok {
+		return decodeArgs(op, payload)
+	}
+	if !last.matches(raw, set) {
+		names := acceptedNames{values: [2]string{string(raw[0]), string(raw[1])}, set: set, ok: true}
+		if !d.valid(op, &names) {
+			return decodeArgs(op, payload)
+		}
+		*last = names
+	}
+	return last.args(op), nil
+}
+
+// acceptedNames are the member values of a payload the validator accepted.
+type acceptedNames struct {
+	values [2]string
+	set    [2]bool // present and not null
+	ok     bool
+}
+
+func (n *acceptedNames) matches(raw [2][]byte, set [2]bool) bool {
+	return n.ok && n.set == set && string(raw[0]) == n.values[0] && string(raw[1]) == n.values[1]
+}
+
+func (n *acceptedNames) args(op Op) args {
+	switch op {
+	case OpGetAPIKey, OpHasAPIKey:
+		return args{name: n.values[0]}
+	case OpListBuckets:
+		return args{provider: n.values[0]}
+	}
+	a := args{provider: n.values[0], bucket: DefaultBucket}
+	if n.set[1] {
+		a.bucket = n.values[1]
+	}
+	return a
+}
+
+// valid runs the validator on names as the payload struct of op. The
+// struct is kept in d, so that handing it to the validator does not move
+// it to the heap.
+func (d *requestDecoder) valid(op Op, n *acceptedNames) bool {
+	switch op {
+	case OpGetAPIKey, OpHasAPIKey:
+		d.key = keyArgs{Name: n.values[0]}
+		return validate.Struct(&d.key) == nil
+	case OpListBuckets:
+		d.names = providerArgs{Provider: n.values[0]}
+		return validate.Struct(&d.names) == nil
+	}
+	d.tokenArgs = tokenArgs{Provider: n.values[0]}
+	if n.set[1] {
+		d.bucket = n.values[1]
+		d.tokenArgs.Bucket = &d.bucket
+	}
+	return validate.Struct(&d.tokenArgs) == nil
+}
+
+// payloadMembers are the members of a payload object, as a pass over it
+// found them, when there are at most two, each a string without escapes or
+// null, under a name without escapes: the shape of every payload the token
+// path decodes. Names are quoted, values unquoted (nil for null); both
+// alias the frame.
+type payloadMembers struct {
+	read   bool // a pass has filled this in
+	simple bool // the payload has that shape
+	n      int
+	names  [2][]byte
+	values [2][]byte
+	null   [2]bool
+}
+
+// readPayload reads the payload object dec is at, validating all of it,
+// and returns it as it is in frame, which dec is reading in place, with its
+// members.
+func readPayload(dec *jsontext.Decoder, frame []byte) (jsontext.Value, payloadMembers, bool) {
+	m := payloadMembers{read: true, simple: true}
+	if tok, err := dec.ReadToken(); err != nil || tok.Kind() != '{' {
+		return nil, m, false
+	}
+	start := dec.InputOffset() - 1
+	for dec.PeekKind() == '"' {
+		name, err := dec.ReadValue()
+		if err != nil {
+			return nil, m, false
+		}
+		m.simple = m.simple && m.n < len(m.names) && bytes.IndexByte(name, '\\') < 0
+		if m.simple {
+			m.names[m.n] = name
+		}
+		value, err := dec.ReadValue()
+		switch {
+		case err != nil:
+			return nil, m, false
+		case !m.simple:
+		case value.Kind() == 'n':
+			m.values[m.n], m.null[m.n] = nil, true
+			m.n++
+		case value.Kind() == '"' && bytes.IndexByte(value, '\\') < 0:
+			m.values[m.n] = value[1 : len(value)-1]
+			m.n++
+		default:
+			m.simple = false
+		}
+	}
+	if tok, err := dec.ReadToken(); err != nil || tok.Kind() != '}' {
+		return nil, m, false
+	}
+	return frame[start:dec.InputOffset()], m, true
+}
+
+// membersOf reads the members of payload, a valid object or nil.
+func (d *requestDecoder) membersOf(payload []byte) payloadMembers {
+	if payload == nil {
+		return payloadMembers{read: true, simple: true}
+	}
+	_, m, ok := readPayload(d.reset(payload), payload)
+	m.simple = m.simple && ok
+	return m
+}
+
+// match returns the values of members named name0 and name1, given quoted
+// ("" for none), and which of them are set (present and not null); or
+// false if the payload has another member or another shape.
+func (m *payloadMembers) match(name0, name1 string) (values [2][]byte, set [2]bool, ok bool) {
+	if !m.simple {
+		return values, set, false
+	}
+	for i := range m.n {
+		j := 0
+		switch string(m.names[i]) {
+		case name0:
+		case name1:
+			j = 1
+		default: // unknown: json.Unmarshal words the error
+			return values, set, false
+		}
+		values[j], set[j] = m.values[i], !m.null[i]
+	}
+	return values, set, true
 }
 
 // decodeArgs parses and validates the payload of a known operation. The

@@ -173,7 +173,8 @@ func FuzzDecodeRequest(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, frame []byte) {
-		req, perr := decodeRequest(frame)
+		var d requestDecoder
+		req, perr := d.decode(frame)
 		compareWithReference(t, frame, req, perr)
 		negotiate(req)
 		if perr != nil {
@@ -186,6 +187,20 @@ func FuzzDecodeRequest(f *testing.F) {
 			t.Fatalf("frame with duplicate member names decoded: %q", frame)
 		}
 		a, perr := decodeArgs(Op(req.op), req.payload)
+		// The connection's decoder, with its token path and its memory of
+		// accepted names, must answer as the reflection decoder does: on
+		// first sight, on a repeat, and after another payload.
+		for i, p := range []jsontext.Value{req.payload, req.payload, jsontext.Value(`{"provider":"p","name":"n"}`), jsontext.Value(`{"provider":"p","bucket":"b"}`), jsontext.Value(`{"provider":"p"}`), jsontext.Value(`{"name":"n"}`), req.payload} {
+			var members payloadMembers // read by decodeArgs
+			if i == 0 {
+				members = req.members // as decode read them
+			}
+			want, wantErr := decodeArgs(Op(req.op), p)
+			got, gotErr := d.decodeArgs(Op(req.op), p, members)
+			if !sameArgs(got, want) || (gotErr == nil) != (wantErr == nil) || (gotErr != nil && *gotErr != *wantErr) {
+				t.Fatalf("payload %q of %q: decoder %+v %v, reference %+v %v", p, req.op, got, gotErr, want, wantErr)
+			}
+		}
 		if perr != nil {
 			return
 		}
@@ -213,6 +228,10 @@ func FuzzDecodeRequest(f *testing.F) {
 			}
 		}
 	})
+}
+
+func sameArgs(a, b args) bool {
+	return a.provider == b.provider && a.bucket == b.bucket && a.name == b.name && a.token.Equal(b.token)
 }
 
 // hasDuplicateNames is an independent check for duplicate member names: a

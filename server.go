@@ -773,7 +773,7 @@ func (c *conn) handle(frame []byte, r *reader) (handedOver bool) {
 		return false
 	}
 	op := Op(req.op)
-	a, perr := decodeArgs(op, req.payload)
+	a, perr := c.dec.decodeArgs(op, req.payload, req.members)
 	if perr != nil {
 		c.writeFailure(req.id, perr, 0)
 		return false
