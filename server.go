@@ -121,6 +121,13 @@ type Server struct {
 	refresh  *coordinator
 
 	inShutdown atomic.Bool
+	stopping   chan struct{} // closed when inShutdown is set
+	stopOnce   sync.Once
+
+	// The watchdog over requests that run in their connection's reader;
+	// see watchdog.
+	epoch time.Time // busySince values are monotonic time since epoch
+	watch atomic.Int32
 
 	mu        sync.Mutex
 	listeners map[*net.Listener]os.FileInfo // the socket file of a Unix listener, when it has one
@@ -171,6 +178,8 @@ func NewServer(opts Options) (*Server, error) {
 		euid:      os.Geteuid(),
 		baseCtx:   ctx,
 		cancel:    cancel,
+		stopping:  make(chan struct{}),
+		epoch:     time.Now(),
 		listeners: make(map[*net.Listener]os.FileInfo),
 		conns:     make(map[*conn]struct{}),
 	}
@@ -439,7 +448,7 @@ var aLongTimeAgo = time.Unix(1, 0)
 // returns ctx.Err(). Shutdown may be called more than once, and before
 // Serve; it returns once every connection goroutine has exited.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.inShutdown.Store(true)
+	s.stop()
 	s.mu.Lock()
 	err := s.closeListenersLocked()
 	for c := range s.conns {
@@ -461,13 +470,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// stop marks the server as shutting down.
+func (s *Server) stop() {
+	s.stopOnce.Do(func() {
+		s.inShutdown.Store(true)
+		close(s.stopping)
+	})
+}
+
 // Close closes the listeners and every connection at once, cancelling the
 // context of requests in flight, like http.Server.Close. It returns once
 // every connection goroutine has exited, which takes as long as the
 // slowest store call takes to honour its cancelled context. Close may be
 // called more than once, and before Serve.
 func (s *Server) Close() error {
-	s.inShutdown.Store(true)
+	s.stop()
 	s.mu.Lock()
 	err := s.closeListenersLocked()
 	for c := range s.conns {
@@ -522,9 +539,10 @@ func keepReplacement(l net.Listener, socket os.FileInfo) {
 }
 
 // conn is one accepted connection. Its reader goroutine (serve) reads
-// frames, applies the rate limit, decodes and validates, and answers what
-// it can at once; each valid request then runs in a goroutine of its own,
-// at most MaxInFlight at a time, and responses are written whole under wmu.
+// frames, applies the rate limit, decodes and validates, and runs each
+// valid request itself; if one runs past inlineBudget, the watchdog starts
+// another reader, so that at most MaxInFlight requests run at a time.
+// Responses are written whole under wmu.
 type conn struct {
 	srv     *Server
 	rwc     net.Conn
@@ -536,8 +554,12 @@ type conn struct {
 
 	dec        requestDecoder // used by the reader goroutine only
 	handshaken atomic.Bool
-	inFlight   atomic.Int32
-	handlers   sync.WaitGroup
+	// busySince is when the request the reader runs began, as time since
+	// the server's epoch; 0 between requests, and handedOver once the
+	// watchdog has passed the reading on.
+	busySince atomic.Int64
+	inFlight  atomic.Int32
+	handlers  sync.WaitGroup
 
 	wmu       sync.Mutex
 	writeDead bool // a write failed; guarded by wmu
@@ -567,14 +589,14 @@ func (c *conn) finish() {
 // inline because starting a goroutine per request costs more than a fast
 // store call (BenchmarkGetToken: 0.65 of the floor's throughput with a
 // goroutine per request, 0.84 inline); the handover keeps a slow store
-// call from holding up the requests behind it on the same connection.
-const inlineBudget = 50 * time.Microsecond
+// call or refresh from holding up the requests behind it on the same
+// connection for more than about twice this.
+const inlineBudget = 500 * time.Microsecond
 
 // readRequests reads and serves requests until the connection ends, and
-// then finishes it; or, if a request it runs outlives inlineBudget, leaves
-// the rest to the goroutine that took over (see takeOver).
+// then finishes it; or, if the watchdog hands the reading over while a
+// request runs, leaves the rest to the goroutine that took over.
 func (c *conn) readRequests() {
-	r := &reader{c: c}
 	for {
 		frame, err := c.readFrame(time.Time{})
 		if err != nil {
@@ -586,75 +608,93 @@ func (c *conn) readRequests() {
 			c.finish()
 			return
 		}
-		if handedOver := c.handle(frame, r); handedOver {
+		if handedOver := c.handle(frame); handedOver {
 			return
 		}
 	}
 }
 
-// reader is one goroutine's turn at reading a connection, and the watch on
-// the request it runs. Its timer is armed when a request starts and the
-// timer is not already running, and it re-arms itself while requests keep
-// coming, so that a stream of fast requests costs a timer operation per
-// inlineBudget, not two per request. When it finds a request older than
-// inlineBudget, it ends this reader's turn and starts the next reader.
-type reader struct {
-	c *conn
+// handedOver is the busySince of a connection whose reading the watchdog
+// has passed to another goroutine.
+const handedOver = -1
 
-	mu        sync.Mutex
-	busySince time.Time // start of the running request; zero between requests
-	armed     bool
-	over      bool // the turn has passed to another reader
-	timer     *time.Timer
-}
-
-// begin marks the start of a request.
-func (r *reader) begin(now time.Time) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.busySince = now
-	if r.armed {
-		return
+// begin marks the start, at now, of a request run inline, and wakes the
+// watchdog if it sleeps. It returns the mark for end.
+func (c *conn) begin(now time.Time) int64 {
+	since := int64(now.Sub(c.srv.epoch)) + 1 // never 0
+	c.busySince.Store(since)
+	if c.srv.watch.Load() != watchActive {
+		c.srv.wakeWatchdog()
 	}
-	r.armed = true
-	if r.timer == nil {
-		r.timer = time.AfterFunc(inlineBudget, r.check)
-	} else {
-		r.timer.Reset(inlineBudget)
-	}
+	return since
 }
 
-// end marks the end of a request and reports whether the turn has passed.
-func (r *reader) end() (over bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.busySince = time.Time{}
-	return r.over
+// end marks the end of the request begun at since, and reports whether the
+// watchdog passed the reading on meanwhile. Exactly one of end and the
+// watchdog's handover changes busySince from since.
+func (c *conn) end(since int64) (handedOver bool) {
+	return !c.busySince.CompareAndSwap(since, 0)
 }
 
-// check runs when the timer fires.
-func (r *reader) check() {
-	r.mu.Lock()
-	switch age := time.Since(r.busySince); {
-	case r.busySince.IsZero():
-		r.armed = false
-		r.mu.Unlock()
-	case age < inlineBudget:
-		r.timer.Reset(inlineBudget - age)
-		r.mu.Unlock()
-	default:
-		r.over, r.armed = true, false
-		r.mu.Unlock()
-		r.c.takeOver()
+// The watchdog's states. While requests come, begin keeps it active; each
+// tick turns active to quiet, and a tick that finds it still quiet, with
+// no request running, stops it.
+const (
+	watchStopped int32 = iota
+	watchQuiet
+	watchActive
+)
+
+func (s *Server) wakeWatchdog() {
+	if s.watch.Swap(watchActive) == watchStopped {
+		// Called from a reader, which the WaitGroup counts, so the Add in
+		// Go cannot race with Wait reaching zero.
+		s.wg.Go(s.watchdog)
 	}
 }
 
-// takeOver runs, in a goroutine of its own, when a request has held the
-// reader for inlineBudget: it becomes the connection's reader.
-func (c *conn) takeOver() {
-	c.srv.wg.Add(1) // the server still counts the busy reader, so Wait cannot be passing zero
-	defer c.srv.wg.Done()
-	c.readRequests()
+// watchdog hands the reading of a connection to a new goroutine when the
+// request its reader runs is older than inlineBudget. One goroutine
+// watches every connection, and only while requests come, so that a
+// request costs an atomic store and a compare-and-swap, not a timer; it
+// finds a slow request between one and two budgets after it began. It
+// stops once a tick passes without a request, or at shutdown, when nothing
+// more will be read. (A reader that begins a request during shutdown may
+// start it again; it then stops at once.)
+func (s *Server) watchdog() {
+	tick := time.NewTicker(inlineBudget)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-s.stopping:
+			return
+		}
+		busy := s.handOverSlowReaders()
+		if !s.watch.CompareAndSwap(watchActive, watchQuiet) && !busy &&
+			s.watch.CompareAndSwap(watchQuiet, watchStopped) {
+			return
+		}
+	}
+}
+
+// handOverSlowReaders starts a new reader for each connection whose
+// request has run for inlineBudget, and reports whether any request runs.
+func (s *Server) handOverSlowReaders() (busy bool) {
+	now := int64(time.Since(s.epoch)) + 1 // as begin counts
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		since := c.busySince.Load()
+		if since <= 0 {
+			continue
+		}
+		busy = true
+		if now-since >= int64(inlineBudget) && c.busySince.CompareAndSwap(since, handedOver) {
+			s.wg.Go(c.readRequests)
+		}
+	}
+	return busy
 }
 
 // setReadDeadline sets the read deadline unless the server is shutting
@@ -752,7 +792,7 @@ func echoID(id string) string {
 // protocol sets: rate limit, id and op, payload schema, then policy and
 // store. It reports whether, while a request ran, another goroutine took
 // over reading the connection.
-func (c *conn) handle(frame []byte, r *reader) (handedOver bool) {
+func (c *conn) handle(frame []byte) (handedOver bool) {
 	req, perr := c.dec.decode(frame)
 	if ok, retryAfter := c.limiter.allow(time.Now()); !ok {
 		c.writeFailure(echoID(req.id), &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter)
@@ -784,9 +824,9 @@ func (c *conn) handle(frame []byte, r *reader) (handedOver bool) {
 		return false
 	}
 	c.handlers.Add(1)
-	r.begin(time.Now())
+	since := c.begin(time.Now())
 	c.srv.serveRequest(c, req.id, op, a)
-	return r.end()
+	return c.end(since)
 }
 
 // writeFailure writes a failure response.

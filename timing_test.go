@@ -1,13 +1,16 @@
 package credproxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"runtime/pprof"
 	"strconv"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -274,11 +277,53 @@ func TestClientCallsShareOneConnection(t *testing.T) {
 			}
 		}
 		// Each call runs in the connection's reader until inlineBudget has
-		// passed, then the next is read: they overlap, 50 µs apart.
+		// passed, then the next is read: they overlap, one budget apart.
 		if took := time.Since(start); took != time.Second+9*inlineBudget || dials != 1 {
 			t.Errorf("10 concurrent one-second calls took %v over %d connections, want %v over 1", took, dials, time.Second+9*inlineBudget)
 		}
 	})
+}
+
+// R24: the watchdog that hands slow requests to a new reader runs only
+// while requests come. After a slow call that was handed over, and a fast
+// one, the server is back, within two budgets, to one reader for its one
+// connection and no watchdog.
+func TestIdleServerKeepsNoWatchdog(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := NewMemoryStore()
+		st.SaveAPIKey(context.Background(), "k", Secret("v"))
+		_, connect := pipeServer(t, Options{Store: slowKeys{st}})
+		c := NewClient("pipe", ClientOptions{dial: func(context.Context) (net.Conn, error) { return connect(), nil }})
+		defer c.Close()
+		slow := make(chan error)
+		go func() { _, err := c.GetAPIKey(context.Background(), "k"); slow <- err }()
+		synctest.Wait()
+		if _, err := c.ListAPIKeys(context.Background()); err != nil { // answered while the slow call runs
+			t.Fatal(err)
+		}
+		if err := <-slow; err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * inlineBudget)
+		synctest.Wait()
+		readers, watchdogs := goroutinesIn("credproxy.(*conn).readRequests("), goroutinesIn("credproxy.(*Server).watchdog(")
+		if readers != 1 || watchdogs != 0 {
+			t.Errorf("idle server: %d readers and %d watchdogs, want 1 and 0", readers, watchdogs)
+		}
+	})
+}
+
+// goroutinesIn counts the goroutines whose stack has fn in it.
+func goroutinesIn(fn string) int {
+	var buf bytes.Buffer
+	pprof.Lookup("goroutine").WriteTo(&buf, 2)
+	n := 0
+	for g := range strings.SplitSeq(buf.String(), "\n\n") {
+		if strings.Contains(g, fn) {
+			n++
+		}
+	}
+	return n
 }
 
 // slowKeys answers each API key read after a second.
