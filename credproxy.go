@@ -196,6 +196,17 @@ func (p Peer) LogValue() slog.Value {
 // code that stores or sends it on purpose.
 type Token struct {
 	members []member
+	// sanitised is the token as a peer may get it (see appendSanitised),
+	// rendered once when the token is made: a get_token then copies it
+	// instead of quoting every member again.
+	sanitised []byte
+}
+
+// newToken makes the token of members, which it owns from then on.
+func newToken(members []member) Token {
+	t := Token{members: members}
+	t.sanitised = t.appendJSON(nil, false)
+	return t
 }
 
 type member struct {
@@ -235,7 +246,7 @@ func readToken(dec *jsontext.Decoder) (Token, error) {
 	if _, err := dec.ReadToken(); err != nil {
 		return Token{}, jsonTokenError(err)
 	}
-	var t Token
+	var members []member
 	for dec.PeekKind() != '}' {
 		name, err := dec.ReadToken()
 		if err != nil {
@@ -267,11 +278,12 @@ func readToken(dec *jsontext.Decoder) (Token, error) {
 				return Token{}, tokenError("expiry must be a number")
 			}
 		}
-		t.members = append(t.members, member{name: n, value: value})
+		members = append(members, member{name: n, value: value})
 	}
 	if _, err := dec.ReadToken(); err != nil {
 		return Token{}, jsonTokenError(err)
 	}
+	t := newToken(members)
 	if _, ok := t.lookup(fieldAccessToken); !ok {
 		return Token{}, tokenError("access_token is required")
 	}
@@ -324,7 +336,12 @@ func (t Token) Reveal() []byte {
 // appendSanitised appends the token as it may be sent to a peer: every
 // member but refresh_token (R8.1, R10). Every path that sends a token
 // calls it; it allocates nothing, where WithoutRefreshToken copies.
-func (t Token) appendSanitised(dst []byte) []byte { return t.appendJSON(dst, false) }
+func (t Token) appendSanitised(dst []byte) []byte {
+	if t.sanitised == nil { // the zero Token
+		return t.appendJSON(dst, false)
+	}
+	return append(dst, t.sanitised...)
+}
 
 func (t Token) appendJSON(dst []byte, withRefreshToken bool) []byte {
 	dst = append(dst, '{')

@@ -21,7 +21,7 @@ func (t Token) WithoutRefreshToken() Token {
 	members := make([]member, 0, len(t.members)-1)
 	members = append(members, t.members[:i]...)
 	members = append(members, t.members[i+1:]...)
-	return Token{members: members}
+	return newToken(members)
 }
 
 // Merge returns t overlaid with newer, member by member: each member of
@@ -43,7 +43,7 @@ func (t Token) Merge(newer Token) Token {
 			merged.members = append(merged.members, m)
 		}
 	}
-	return merged
+	return newToken(merged.members)
 }
 
 func (t Token) index(name string) int {
