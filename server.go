@@ -82,7 +82,9 @@ type Options struct {
 	StoreTimeout time.Duration
 
 	// WriteTimeout bounds the write of one response; a peer that does not
-	// read its responses is disconnected after it. Zero means 10s.
+	// read its responses is disconnected after it (after 0.9 to 1 times
+	// it: the deadline is moved only once it falls a tenth behind). Zero
+	// means 10s.
 	WriteTimeout time.Duration
 
 	// Refreshers renew tokens on the host, by provider name (see
