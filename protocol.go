@@ -530,8 +530,9 @@ func newValidator() *validator.Validate {
 // decodeArgs parses and validates the payload of a known operation, as
 // the function decodeArgs does; members are the payload's, if decode read
 // them. Payloads whose members are all names, given as strings without
-// escapes, take the token path and the same validator; anything else, and anything the validator refuses, is left to
-// the function, which also words the error.
+// escapes, take the token path and the same validator; anything else, and
+// anything the validator refuses, is left to the function, which also
+// words the error.
 //
 // The names the validator last accepted are kept, one set per payload
 // shape: a connection mostly asks for the same provider again, and the
