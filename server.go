@@ -909,7 +909,8 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time
 	defer putBuffer(buf)
 	// The success response is built in place: exec appends the data object
 	// after the envelope's opening, and a failure starts the frame over.
-	res := s.exec(ctx, c.peer, op, a, appendOKStart(startFrame((*buf)[:0]), id))
+	ctx.req = Request{Peer: c.peer, Op: op, Provider: a.provider, Bucket: a.bucket, Key: a.name}
+	res := s.exec(ctx, &ctx.req, a, appendOKStart(startFrame((*buf)[:0]), id))
 	now := time.Now()
 	if res.fail == nil && ctx.errAt(now) != nil {
 		// The store answered after its deadline (15 s), or the server is
@@ -954,6 +955,7 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time
 type requestContext struct {
 	base     context.Context
 	deadline time.Time
+	req      Request // the policy's view of the request, here to save it an allocation
 
 	mu       sync.Mutex
 	done     chan struct{} // made by the first Done
@@ -1032,9 +1034,9 @@ func (c *requestContext) release() {
 }
 
 // exec performs op and appends its data object to dst.
-func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte) result {
-	req := Request{Peer: peer, Op: op, Provider: a.provider, Bucket: a.bucket, Key: a.name}
-	if err := s.opts.Policy.Authorize(ctx, &req); err != nil {
+func (s *Server) exec(ctx context.Context, req *Request, a args, dst []byte) result {
+	op := req.Op
+	if err := s.opts.Policy.Authorize(ctx, req); err != nil {
 		return s.denied(op, err)
 	}
 	st := s.opts.Store
@@ -1078,7 +1080,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		if err != nil {
 			s.logStoreError(op, a, err)
 		}
-		names = s.filter(ctx, req, names, func(r *Request, n string) { r.Provider = n })
+		names = s.filter(ctx, *req, names, func(r *Request, n string) { r.Provider = n })
 		return result{data: appendNames(dst, "providers", names)}
 
 	case OpListBuckets:
@@ -1086,7 +1088,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		if err != nil {
 			s.logStoreError(op, a, err)
 		}
-		names = s.filter(ctx, req, names, func(r *Request, n string) { r.Bucket = n })
+		names = s.filter(ctx, *req, names, func(r *Request, n string) { r.Bucket = n })
 		return result{data: appendNames(dst, "buckets", names)}
 
 	case OpGetBucketStats:
@@ -1111,7 +1113,7 @@ func (s *Server) exec(ctx context.Context, peer Peer, op Op, a args, dst []byte)
 		if err != nil {
 			s.logStoreError(op, a, err)
 		}
-		names = s.filter(ctx, req, names, func(r *Request, n string) { r.Key = n })
+		names = s.filter(ctx, *req, names, func(r *Request, n string) { r.Key = n })
 		return result{data: appendNames(dst, "keys", names)}
 
 	case OpHasAPIKey:
