@@ -331,11 +331,11 @@ func (t Token) Reveal() []byte {
 	return t.appendJSON(nil, true)
 }
 
-// appendJSON appends the token object to dst, with or without its refresh
-// token. Member names were valid UTF-8 when parsed, so quoting cannot fail.
-// appendSanitised appends the token as it may be sent to a peer: every
-// member but refresh_token (R8.1, R10). Every path that sends a token
-// calls it; it allocates nothing, where WithoutRefreshToken copies.
+// appendSanitised appends the token as it may be sent to a peer: without
+// refresh_token, and without any member, at any depth, whose name is a
+// refresh token's under another spelling (see isRefreshTokenName). Every
+// path that sends a token calls it; it allocates nothing, where
+// WithoutRefreshToken copies.
 func (t Token) appendSanitised(dst []byte) []byte {
 	if t.sanitised == nil { // the zero Token
 		return t.appendJSON(dst, false)
@@ -343,11 +343,14 @@ func (t Token) appendSanitised(dst []byte) []byte {
 	return append(dst, t.sanitised...)
 }
 
+// appendJSON appends the token object to dst: whole, or sanitised (see
+// appendSanitised). Member names were valid UTF-8 when parsed, so quoting
+// cannot fail.
 func (t Token) appendJSON(dst []byte, withRefreshToken bool) []byte {
 	dst = append(dst, '{')
 	first := true
 	for _, m := range t.members {
-		if m.name == fieldRefreshToken && !withRefreshToken {
+		if !withRefreshToken && isRefreshTokenName(m.name) {
 			continue
 		}
 		if !first {
@@ -356,7 +359,11 @@ func (t Token) appendJSON(dst []byte, withRefreshToken bool) []byte {
 		first = false
 		dst, _ = jsontext.AppendQuote(dst, m.name)
 		dst = append(dst, ':')
-		dst = append(dst, m.value...)
+		if withRefreshToken {
+			dst = append(dst, m.value...)
+		} else {
+			dst = appendWithoutRefreshTokens(dst, m.value)
+		}
 	}
 	return append(dst, '}')
 }

@@ -23,10 +23,12 @@ type credentialsFile struct {
 //
 // where both members are optional; examples/memserver -tokens and
 // credproxy run --import read files of this form. Unknown members,
-// duplicate names, invalid names and invalid tokens are errors; error
-// messages give the location (a JSON pointer), never a value. Items are
-// saved in name order, and an error stops the import: what was saved
-// before it stays saved.
+// duplicate names, invalid names and invalid tokens are errors, and so is
+// a token that holds its refresh token under another name than
+// refresh_token (refreshToken, say; see [Token.NormalizeRefreshToken]);
+// error messages give the location, never a value. Items are saved in
+// name order, and an error stops the import: what was saved before it
+// stays saved.
 func ImportCredentials(ctx context.Context, st Store, data []byte) error {
 	var f credentialsFile
 	if err := json.Unmarshal(data, &f, json.RejectUnknownMembers(true)); err != nil {
@@ -35,6 +37,13 @@ func ImportCredentials(ctx context.Context, st Store, data []byte) error {
 	for _, provider := range slices.Sorted(maps.Keys(f.Tokens)) {
 		buckets := f.Tokens[provider]
 		for _, bucket := range slices.Sorted(maps.Keys(buckets)) {
+			// A refresh token under another name would never be used, nor
+			// served; refuse it rather than store it unnoticed.
+			if _, renamed, err := buckets[bucket].NormalizeRefreshToken(); err != nil {
+				return errorf("credentials: token %q/%q: %w", provider, bucket, err)
+			} else if renamed != "" {
+				return errorf("credentials: token %q/%q: member %q holds a refresh token; rename it refresh_token", provider, bucket, renamed)
+			}
 			if err := st.SaveToken(ctx, provider, bucket, buckets[bucket]); err != nil {
 				return errorf("credentials: token %q/%q: %w", provider, bucket, err)
 			}

@@ -1,27 +1,181 @@
 package credproxy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
+	"unicode"
+
+	"github.com/go-json-experiment/json/jsontext"
 )
 
 // redacted is what secret-carrying values print and log as.
 const redacted = "[REDACTED]"
 
-// WithoutRefreshToken returns t without its refresh_token member; the key is
-// removed, not emptied, and every other member is kept as it is. Every path
-// that sends a token over the socket goes through this method (R8.1, R10).
+// WithoutRefreshToken returns t as a sandbox may see it: without its
+// refresh_token member, and without any member, at any depth, whose name
+// spells "refresh token" another way (refreshToken, Refresh-Token, a
+// refresh_token nested in another object, ...). Members are removed, not
+// emptied, and every other member is kept as it is. A server sends tokens
+// only in this form.
 func (t Token) WithoutRefreshToken() Token {
-	i := t.index(fieldRefreshToken)
-	if i < 0 {
+	if !t.hasRefreshTokenNames() {
 		return t
 	}
-	members := make([]member, 0, len(t.members)-1)
-	members = append(members, t.members[:i]...)
-	members = append(members, t.members[i+1:]...)
+	members := make([]member, 0, len(t.members))
+	for _, m := range t.members {
+		if isRefreshTokenName(m.name) {
+			continue
+		}
+		if k := m.value.Kind(); k == '{' || k == '[' {
+			m.value = appendWithoutRefreshTokens(nil, m.value)
+		}
+		members = append(members, m)
+	}
 	return newToken(members)
+}
+
+// hasRefreshTokenNames reports whether the sanitised form of t differs
+// from t: whether some member, at any depth, has a refresh token's name.
+func (t Token) hasRefreshTokenNames() bool {
+	return t.sanitised != nil && len(t.sanitised) != len(t.appendJSON(nil, true))
+}
+
+// isRefreshTokenName reports whether a member name spells "refresh token":
+// refresh_token, or any name that is "refreshtoken" once every character
+// but letters and digits is dropped and case is folded (refreshToken,
+// Refresh-Token, REFRESH.TOKEN, ...). Providers and tools use all of them,
+// and a sandbox must get none.
+func isRefreshTokenName(name string) bool {
+	if name == fieldRefreshToken {
+		return true
+	}
+	if len(name) < len("refreshtoken") {
+		return false
+	}
+	var b strings.Builder
+	for _, r := range name {
+		if unicode.IsLetter(r) || unicode.IsDigit(r) {
+			b.WriteRune(r)
+		}
+	}
+	return strings.EqualFold(b.String(), "refreshtoken")
+}
+
+// appendWithoutRefreshTokens appends the JSON value v without the members,
+// at any depth, whose names are refresh tokens' (isRefreshTokenName).
+// Everything else is copied byte for byte.
+func appendWithoutRefreshTokens(dst []byte, v jsontext.Value) []byte {
+	if k := v.Kind(); k != '{' && k != '[' {
+		return append(dst, v...)
+	}
+	out, err := appendStripped(dst, jsontext.NewDecoder(bytes.NewReader(v)))
+	if err != nil { // cannot happen: v was checked when the token was parsed
+		return append(dst, `null`...)
+	}
+	return out
+}
+
+func appendStripped(dst []byte, dec *jsontext.Decoder) ([]byte, error) {
+	kind := dec.PeekKind()
+	if kind != '{' && kind != '[' {
+		v, err := dec.ReadValue()
+		return append(dst, v...), err
+	}
+	if _, err := dec.ReadToken(); err != nil {
+		return nil, err
+	}
+	dst = append(dst, byte(kind))
+	first := true
+	for dec.PeekKind() != kind+2 { // '}' is '{'+2, ']' is '['+2
+		var name jsontext.Value
+		if kind == '{' {
+			raw, err := dec.ReadValue()
+			if err != nil {
+				return nil, err
+			}
+			if n, err := jsontext.AppendUnquote(nil, raw); err == nil && isRefreshTokenName(string(n)) {
+				if err := dec.SkipValue(); err != nil {
+					return nil, err
+				}
+				continue
+			}
+			name = raw
+		}
+		if !first {
+			dst = append(dst, ',')
+		}
+		first = false
+		if name != nil {
+			dst = append(append(dst, name...), ':')
+		}
+		var err error
+		if dst, err = appendStripped(dst, dec); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := dec.ReadToken(); err != nil {
+		return nil, err
+	}
+	return append(dst, byte(kind+2)), nil
+}
+
+// NormalizeRefreshToken prepares a token handed to the host by a person or
+// a file (credproxy token set) for storing: a refresh token stored at the
+// top level under another spelling, such as refreshToken, is moved to
+// refresh_token, the one member a refresher reads, and its old name is
+// returned so that the caller can say so. It fails, naming the members,
+// when the token holds two refresh tokens, or one nested inside another
+// member, where nothing would find it. Refresh tokens under other names
+// are never served to a sandbox either way.
+func (t Token) NormalizeRefreshToken() (Token, string, error) {
+	var found []int
+	for i, m := range t.members {
+		if isRefreshTokenName(m.name) {
+			found = append(found, i)
+		} else if path, ok := refreshTokenPath(m.value, m.name); ok {
+			return Token{}, "", tokenError(fmt.Sprintf("member %q holds a refresh token at %s; store it as the top-level member refresh_token", m.name, path))
+		}
+	}
+	switch {
+	case len(found) > 1:
+		return Token{}, "", tokenError(fmt.Sprintf("members %q and %q both hold a refresh token; keep one, named refresh_token",
+			t.members[found[0]].name, t.members[found[1]].name))
+	case len(found) == 0 || t.members[found[0]].name == fieldRefreshToken:
+		return t, "", nil
+	}
+	i := found[0]
+	old := t.members[i].name
+	if k := t.members[i].value.Kind(); k != '"' {
+		return Token{}, "", tokenError(fmt.Sprintf("member %q holds a refresh token, which must be a string", old))
+	}
+	members := slices.Clone(t.members)
+	members[i].name = fieldRefreshToken
+	return newToken(members), old, nil
+}
+
+// refreshTokenPath returns the JSON pointer, below the member name, of the
+// first member inside v with a refresh token's name.
+func refreshTokenPath(v jsontext.Value, name string) (string, bool) {
+	if k := v.Kind(); k != '{' && k != '[' {
+		return "", false
+	}
+	dec := jsontext.NewDecoder(bytes.NewReader(v))
+	for {
+		tok, err := dec.ReadToken()
+		if err != nil {
+			return "", false
+		}
+		// After an object's name, the object has read an odd number of
+		// names and values.
+		if kind, n := dec.StackIndex(dec.StackDepth()); tok.Kind() == '"' && kind == '{' && n%2 == 1 &&
+			isRefreshTokenName(tok.String()) {
+			return "/" + strings.NewReplacer("~", "~0", "/", "~1").Replace(name) + string(dec.StackPointer()), true
+		}
+	}
 }
 
 // Merge returns t overlaid with newer, member by member: each member of

@@ -24,8 +24,13 @@ func TestWithoutRefreshToken(t *testing.T) {
 		{`{"access_token":"a"}`, `{"access_token":"a"}`},
 		{`{"access_token":"a","refresh_token":null}`, `{"access_token":"a"}`},
 		{`{"access_token":"a","refresh_token":""}`, `{"access_token":"a"}`},
-		{`{"access_token":"a","nested":{"refresh_token":"kept: not a top-level member"}}`,
-			`{"access_token":"a","nested":{"refresh_token":"kept: not a top-level member"}}`},
+		// S8: refresh tokens under other names, at any depth, go too.
+		{`{"access_token":"a","nested":{"refresh_token":"r","keep":1}}`, `{"access_token":"a","nested":{"keep":1}}`},
+		{`{"access_token":"a","refreshToken":"r","Refresh-Token":"r","REFRESH.TOKEN":"r","refresh_tokens":"kept"}`,
+			`{"access_token":"a","refresh_tokens":"kept"}`},
+		{`{"access_token":"a","list":[{"refresh\u005ftoken":"r"},1,{"x":{"refreshToken":"r"}}]}`,
+			`{"access_token":"a","list":[{},1,{"x":{}}]}`},
+		{"{\"access_token\":\"a\",\"refresh_to\u212Aen\":\"r\"}", `{"access_token":"a"}`}, // KELVIN SIGN folds to k
 		{`{"access_token":"a", "n" : 1.50e+3 ,"s":"\u00e9"}`, `{"access_token":"a","n":1.50e+3,"s":"\u00e9"}`},
 	} {
 		in := mustToken(t, tc.in)

@@ -86,6 +86,13 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 		if err != nil {
 			return fmt.Errorf("the token on stdin: %w", err)
 		}
+		tok, renamed, err := tok.NormalizeRefreshToken()
+		if err != nil {
+			return fmt.Errorf("the token on stdin: %w", err)
+		}
+		if renamed != "" {
+			fmt.Fprintf(std.err, "credproxy: stored the member %q as refresh_token, the name credproxy refreshes with\n", renamed)
+		}
 		return st.SaveToken(ctx, provider, bucket, tok)
 	case "rm":
 		return st.RemoveToken(ctx, provider, bucket)
