@@ -3,8 +3,11 @@ package credproxy
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -39,8 +42,23 @@ type ClientOptions struct {
 	// Reconnect lets a call after a lost connection connect again. By
 	// default it fails with [ErrConnectionLost]: a socket that reappears at
 	// the same path could belong to someone else, so the safe reaction to
-	// a vanished host is to restart the session.
+	// a vanished host is to restart the session. (A connection the server
+	// closes while no call is pending, as it does with idle ones, is not
+	// lost: the next call connects again either way.)
 	Reconnect bool
+
+	// CapabilityToken is the session's capability token, which the
+	// handshake presents (PROTOCOL.md, "Sessions"). [NewClientFromEnv]
+	// fills it in from the descriptor named by [CapabilityFDEnv]. Empty
+	// presents none, which only a server without sessions accepts.
+	CapabilityToken Secret
+
+	// ServerUIDs lists uids, besides this process's effective uid and
+	// root, that the server may run as. Before the handshake, which
+	// carries the capability token, the client asks the kernel which uid
+	// the server runs as (Linux and macOS) and refuses any other: a
+	// process of another user that took the socket's path gets nothing.
+	ServerUIDs []int
 
 	// dial replaces the Unix socket dialer in tests.
 	dial func(ctx context.Context) (net.Conn, error)
@@ -118,10 +136,25 @@ func NewClient(path string, opts ClientOptions) *Client {
 
 // NewClientFromEnv returns a client for the socket named by the
 // environment variable [SocketEnv], and an error if it is not set.
+//
+// If [CapabilityFDEnv] is set, and opts has no CapabilityToken, it reads
+// the session's capability token from file descriptor 3 (the only one
+// accepted), closes the descriptor and unsets the variable, so that
+// programs this process starts inherit neither; the descriptor must hold
+// exactly 64 lowercase hex characters and a newline. The token is kept for
+// later clients of the process. A token that cannot be read is an error
+// that says why.
 func NewClientFromEnv(opts ClientOptions) (*Client, error) {
 	path := os.Getenv(SocketEnv)
 	if path == "" {
 		return nil, errorf("%s is not set; run inside a sandbox started with a credential proxy", SocketEnv)
+	}
+	if opts.CapabilityToken == "" {
+		token, err := capabilityFromEnv()
+		if err != nil {
+			return nil, err
+		}
+		opts.CapabilityToken = token
 	}
 	return NewClient(path, opts), nil
 }
@@ -137,6 +170,16 @@ func Dial(ctx context.Context, path string, opts ClientOptions) (*Client, error)
 	}
 	return c, nil
 }
+
+// String describes the client by its socket path, never its capability
+// token.
+func (c *Client) String() string { return "credproxy.Client(" + c.path + ")" }
+
+// GoString is String, so that %#v does not print the token.
+func (c *Client) GoString() string { return c.String() }
+
+// Format prints String for every verb, so no verb reaches the token.
+func (c *Client) Format(f fmt.State, _ rune) { io.WriteString(f, c.String()) }
 
 // Close closes the connection. Pending calls fail with an error matching
 // net.ErrClosed, as do calls made afterwards. Close waits for the
@@ -217,7 +260,11 @@ func (c *Client) connect(ctx context.Context) (*clientConn, error) {
 	if err != nil {
 		return nil, errorf("connect to the credential proxy at %s: %w", c.path, err)
 	}
-	if err := handshake(ctx, nc); err != nil {
+	if err := c.checkServer(nc); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	if err := handshake(ctx, nc, c.opts.CapabilityToken); err != nil {
 		nc.Close()
 		return nil, err
 	}
@@ -247,15 +294,42 @@ func (c *Client) currentLocked() (*clientConn, error) {
 	return nil, nil
 }
 
-// handshake sends the version 1 handshake and checks the reply (R6).
-func handshake(ctx context.Context, nc net.Conn) error {
+// checkServer refuses a server that runs as a uid other than this
+// process's, root's and those of ServerUIDs, where the kernel can tell.
+func (c *Client) checkServer(nc net.Conn) error {
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		return nil
+	}
+	server, err := peerCreds(uc)
+	if errors.Is(err, errors.ErrUnsupported) {
+		return nil
+	}
+	if err != nil {
+		return errorf("identify the credential proxy at %s: %w", c.path, err)
+	}
+	uid, _ := server.UID()
+	if uid != os.Geteuid() && uid != 0 && !slices.Contains(c.opts.ServerUIDs, uid) {
+		return errorf("the credential proxy at %s runs as uid %d, neither this process's uid %d nor root; refusing to talk to it (set ClientOptions.ServerUIDs if that uid is expected): %w",
+			c.path, uid, os.Geteuid(), ErrDenied)
+	}
+	return nil
+}
+
+// handshake sends the version 1 handshake, with token if there is one, and
+// checks the reply (R6).
+func handshake(ctx context.Context, nc net.Conn, token Secret) error {
 	if dl, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(dl)
 		defer nc.SetDeadline(time.Time{})
 	}
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(aLongTimeAgo) })
 	defer stop()
-	if err := writeFrame(nc, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`)); err != nil {
+	hs := []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1`)
+	if token != "" {
+		hs = append(append(hs, `,"capabilityToken":`...), quote(string(token))...)
+	}
+	if err := writeFrame(nc, append(hs, "}}"...)); err != nil {
 		return errorf("handshake: %w", contextOr(ctx, err))
 	}
 	frame, err := readFrame(nc, nil)
@@ -276,7 +350,11 @@ func handshake(ctx context.Context, nc net.Conn) error {
 		if reply.Code == "" || reply.Code == CodeUnknownVersion {
 			return errorf("handshake: server does not speak protocol version %d: %w", ProtocolVersion, ErrUnknownVersion)
 		}
-		return &RemoteError{Op: opHandshake, Code: reply.Code, Message: "handshake refused"}
+		msg := "handshake refused"
+		if reply.Code == CodeUnauthorized {
+			msg = "invalid or missing capability token"
+		}
+		return &RemoteError{Op: opHandshake, Code: reply.Code, Message: msg}
 	}
 	return nil
 }
@@ -353,7 +431,9 @@ func (c *Client) readLoop(cc *clientConn) {
 	if c.cc == cc {
 		c.cc = nil
 	}
-	closing := cc.closing
+	// A connection the server closed with nothing pending (its idle
+	// timeout) is not lost: no call failed, and the next one reconnects.
+	closing := cc.closing || len(cc.pending) == 0
 	if !closing && !c.opts.Reconnect {
 		c.lost = true
 	}

@@ -32,6 +32,12 @@ func (garbageStore) ListProviders(context.Context) ([]string, error) {
 	return []string{"zeta", "../etc", "", "alpha", "zeta", strings.Repeat("x", 65), "a b", "alpha"}, nil
 }
 
+// ListBuckets gives every provider a bucket, so that the providers are
+// listed (a provider without one the client may use is left out).
+func (garbageStore) ListBuckets(context.Context, string) ([]string, error) {
+	return []string{DefaultBucket}, nil
+}
+
 // A store's garbage never breaks the protocol: every answer is one valid
 // JSON frame, an API key that is not valid UTF-8 arrives with the invalid
 // bytes replaced (U+FFFD) and everything else exact, and invalid names are

@@ -14,11 +14,10 @@ import (
 	"github.com/go-json-experiment/json/jsontext"
 )
 
-// The handshake, fuzzed through a real connection: whatever the first
-// frame holds, the server answers it with exactly one well-formed frame,
-// either the handshake acceptance, after which the connection serves
-// requests, or a failure, after which it closes the connection. Run with
-// go test -fuzz FuzzHandshake.
+// The handshake, fuzzed through a real connection (see handshakeOn), of
+// the server's own session and of a session with a capability token, which
+// must accept exactly the frames the former accepts that present its
+// token. Run with go test -fuzz FuzzHandshake.
 func FuzzHandshake(f *testing.F) {
 	for _, s := range []string{
 		`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`,
@@ -36,6 +35,11 @@ func FuzzHandshake(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
+	const token = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+	f.Add([]byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1,"capabilityToken":"` + token + `"}}`))
+	f.Add([]byte(`{"v":1,"op":"handshake","payload":{"capabilityToken":"` + token + `"}}`))
+	f.Add([]byte(`{"v":1,"op":"handshake","payload":{"capabilityToken":"\u0030` + token[1:] + `","minVersion":1,"maxVersion":1}}`))
+	f.Add([]byte(`{"v":1,"op":"handshake","payload":{"minVersion":9,"maxVersion":9,"capabilityToken":"` + token + `"}}`))
 	st := NewMemoryStore()
 	st.SaveAPIKey(context.Background(), "openai", "sk-fake")
 	srv, err := NewServer(Options{Store: st, RateLimit: -1})
@@ -43,41 +47,65 @@ func FuzzHandshake(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { srv.Close() })
+	// A session with a known token, served over pipes as the server's own
+	// session is.
+	sess := srv.newSession(grantAll, "fuzz")
+	sess.token, sess.digest, sess.maxConns, sess.idleTimeout = token, capabilityDigest(token), 1000, -1
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		if len(frame) == 0 || len(frame) > MaxFrameSize {
 			return // refused at the header; FuzzReadFrame covers it
 		}
-		client, server := net.Pipe()
-		defer client.Close()
-		srv.serveConn(server, selfPeer())
-		client.SetDeadline(time.Now().Add(10 * time.Second))
-		if err := writeFrame(client, frame); err != nil {
-			t.Fatalf("write: %v", err)
+		plain := handshakeOn(t, srv, srv.main, frame)
+		tokened := handshakeOn(t, srv, sess, frame)
+		// S3: the session accepts exactly what the plain server accepts
+		// and presents its token.
+		presented, ok := "", false
+		if req, perr := decodeRequest(frame); perr == nil {
+			presented, ok = presentedToken(req)
 		}
-		reply, err := readFrame(client, nil)
-		if err != nil {
-			t.Fatalf("no reply to %q: %v", frame, err)
-		}
-		if bytes.Equal(reply, handshakeOK) {
-			writeFrame(client, []byte(`{"v":1,"id":"p","op":"has_api_key","payload":{"name":"openai"}}`))
-			if got, err := readFrame(client, nil); err != nil || string(got) != `{"id":"p","ok":true,"data":{"exists":true}}` {
-				t.Fatalf("after an accepted handshake %q the probe got %q, %v", frame, got, err)
-			}
-			return
-		}
-		var fail struct {
-			OK    *bool  `json:"ok"`
-			Code  Code   `json:"code"`
-			Error string `json:"error"`
-		}
-		if err := json.Unmarshal(reply, &fail); err != nil || fail.OK == nil || *fail.OK ||
-			(fail.Code != CodeUnknownVersion && fail.Code != CodeInvalidRequest) || fail.Error == "" {
-			t.Fatalf("reply to %q is neither the acceptance nor a failure: %q", frame, reply)
-		}
-		if n, err := io.Copy(io.Discard, client); n != 0 || err != nil {
-			t.Fatalf("after a refused handshake the connection sent %d more bytes, %v; want it closed", n, err)
+		if want := plain && ok && presented == token; tokened != want {
+			t.Fatalf("session handshake %q: accepted %v, want %v", frame, tokened, want)
 		}
 	})
+}
+
+// handshakeOn sends frame as the first frame of a new connection of the
+// session ss and reports whether it was accepted. Whatever the frame
+// holds, the server answers with exactly one well-formed frame: the
+// acceptance, after which the connection serves requests, or a failure,
+// after which it closes the connection.
+func handshakeOn(t *testing.T, srv *Server, ss *Session, frame []byte) (accepted bool) {
+	client, server := net.Pipe()
+	defer client.Close()
+	srv.serveConn(server, selfPeer(), ss)
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := writeFrame(client, frame); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	reply, err := readFrame(client, nil)
+	if err != nil {
+		t.Fatalf("no reply to %q: %v", frame, err)
+	}
+	if bytes.Equal(reply, handshakeOK) {
+		writeFrame(client, []byte(`{"v":1,"id":"p","op":"has_api_key","payload":{"name":"openai"}}`))
+		if got, err := readFrame(client, nil); err != nil || string(got) != `{"id":"p","ok":true,"data":{"exists":true}}` {
+			t.Fatalf("after an accepted handshake %q the probe got %q, %v", frame, got, err)
+		}
+		return true
+	}
+	var fail struct {
+		OK    *bool  `json:"ok"`
+		Code  Code   `json:"code"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal(reply, &fail); err != nil || fail.OK == nil || *fail.OK ||
+		(fail.Code != CodeUnknownVersion && fail.Code != CodeInvalidRequest && fail.Code != CodeUnauthorized) || fail.Error == "" {
+		t.Fatalf("reply to %q is neither the acceptance nor a failure: %q", frame, reply)
+	}
+	if n, err := io.Copy(io.Discard, client); n != 0 || err != nil {
+		t.Fatalf("after a refused handshake the connection sent %d more bytes, %v; want it closed", n, err)
+	}
+	return false
 }
 
 // Sanitising and merging never let a refresh token through where it must

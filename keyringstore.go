@@ -167,10 +167,14 @@ func OpenKeyringStore(opts KeyringOptions) (*KeyringStore, error) {
 			return nil, err
 		}
 	}
-	for _, d := range []string{dir, filepath.Join(dir, lockDirName)} {
-		if err := ensurePrivateDir(d, "credential store directory"); err != nil {
-			return nil, err
-		}
+	// The store's directory and those above it must be trusted, as the
+	// socket's are: whoever could replace it could read what is saved.
+	dir, err := ensurePrivateDir(dir, "credential store directory")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := ensurePrivateDir(filepath.Join(dir, lockDirName), "credential store directory"); err != nil {
+		return nil, err
 	}
 
 	cfg := opts.Keyring
@@ -246,7 +250,7 @@ func (s *KeyringStore) openService(cfg keyring.Config, b keyring.BackendType) er
 func (s *KeyringStore) openFile(password func() (string, error)) (*KeyringStore, error) {
 	s.backend, s.calls = string(keyring.FileBackend), nil
 	staging := filepath.Join(s.dir, stagingDirName)
-	if err := ensurePrivateDir(staging, "credential store directory"); err != nil {
+	if _, err := ensurePrivateDir(staging, "credential store directory"); err != nil {
 		return nil, err
 	}
 	removeStaleStaging(staging)

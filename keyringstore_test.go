@@ -540,6 +540,10 @@ func TestServerSaveTakesTheStoresLock(t *testing.T) {
 	_, path := startServer(t, Options{Store: st, StoreTimeout: 200 * time.Millisecond})
 	c := newTestClient(t, path, ClientOptions{})
 	ctx := context.Background()
+	// A token that exists: removing one that does not takes no lock.
+	if err := st.SaveToken(ctx, "p", "", mustToken(t, `{"access_token":"a0"}`)); err != nil {
+		t.Fatal(err)
+	}
 	holder, lines := storeHelper(t, "hold-lock", dir)
 	if !lines.Scan() || lines.Text() != "locked" {
 		t.Fatalf("holder: %q", lines.Text())

@@ -24,6 +24,12 @@ func TestMain(m *testing.M) {
 	if job := os.Getenv("CREDPROXY_TEST_STORE_HELPER"); job != "" {
 		os.Exit(runStoreHelper(job, os.Getenv("CREDPROXY_TEST_STORE_DIR")))
 	}
+	if os.Getenv("CREDPROXY_TEST_FD3_CLIENT") != "" {
+		os.Exit(runFD3Client())
+	}
+	if path := os.Getenv("CREDPROXY_TEST_SERVE_AT"); path != "" {
+		os.Exit(runServerHelper(path))
+	}
 	code := m.Run()
 	if code == 0 {
 		if leaked := leakedGoroutines(5 * time.Second); leaked != "" {

@@ -2,8 +2,6 @@ package credproxy
 
 import (
 	"net"
-	"os"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -44,13 +42,4 @@ func peerCreds(c *net.UnixConn) (Peer, error) {
 		p.pid = int32(pid)
 	}
 	return p, nil
-}
-
-// fileOwner returns the uid that owns the file fi describes.
-func fileOwner(fi os.FileInfo) (uid int, ok bool) {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return 0, false
-	}
-	return int(st.Uid), true
 }

@@ -2,8 +2,6 @@ package credproxy
 
 import (
 	"net"
-	"os"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -30,13 +28,4 @@ func peerCreds(c *net.UnixConn) (Peer, error) {
 		return Peer{}, errorf("getsockopt SO_PEERCRED: %w", serr)
 	}
 	return Peer{uid: cred.Uid, gid: cred.Gid, pid: cred.Pid, hasIDs: true}, nil
-}
-
-// fileOwner returns the uid that owns the file fi describes.
-func fileOwner(fi os.FileInfo) (uid int, ok bool) {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return 0, false
-	}
-	return int(st.Uid), true
 }

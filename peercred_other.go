@@ -5,7 +5,6 @@ package credproxy
 import (
 	"errors"
 	"net"
-	"os"
 	"runtime"
 )
 
@@ -19,6 +18,3 @@ const maxSocketPathLen = 107
 func peerCreds(*net.UnixConn) (Peer, error) {
 	return Peer{}, errorf("peer credentials on %s: %w", runtime.GOOS, errors.ErrUnsupported)
 }
-
-// fileOwner cannot tell a file's owner on this platform.
-func fileOwner(os.FileInfo) (uid int, ok bool) { return 0, false }

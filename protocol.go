@@ -436,8 +436,28 @@ func jsonError(err error, what string) *protoError {
 
 // handshakeArgs are the members of a handshake payload version 1 reads.
 type handshakeArgs struct {
-	MinVersion jsontext.Value `json:"minVersion"`
-	MaxVersion jsontext.Value `json:"maxVersion"`
+	MinVersion      jsontext.Value `json:"minVersion"`
+	MaxVersion      jsontext.Value `json:"maxVersion"`
+	CapabilityToken jsontext.Value `json:"capabilityToken"`
+}
+
+// presentedToken returns the capabilityToken member of a handshake, and
+// false if it is absent or not a string.
+func presentedToken(req request) (string, bool) {
+	var args handshakeArgs
+	if req.payload == nil {
+		return "", false
+	}
+	// The frame already parsed, so the payload is a valid object.
+	_ = json.Unmarshal(req.payload, &args)
+	if args.CapabilityToken.Kind() != '"' {
+		return "", false
+	}
+	tok, err := jsontext.AppendUnquote(nil, args.CapabilityToken)
+	if err != nil {
+		return "", false
+	}
+	return string(tok), true
 }
 
 // negotiate returns the version a handshake agrees on, or false (R6.1). If
@@ -797,6 +817,9 @@ func payloadError(err error) *protoError {
 var (
 	handshakeOK   = []byte(`{"v":1,"op":"handshake","ok":true,"data":{"version":1}}`)
 	handshakeFail = []byte(`{"v":1,"op":"handshake","ok":false,"code":"UNKNOWN_VERSION","error":"unsupported protocol version"}`)
+	// handshakeUnauthorized refuses a handshake without the session's
+	// capability token.
+	handshakeUnauthorized = []byte(`{"v":1,"op":"handshake","ok":false,"code":"UNAUTHORIZED","error":"invalid or missing capability token"}`)
 )
 
 // appendOKStart appends the opening of a success response, up to its data

@@ -15,8 +15,9 @@ const (
 	defaultRateBurst = 60
 )
 
-// connLimiter limits the requests of one connection. A nil *connLimiter
-// allows everything. It is used by the connection's reader goroutine only.
+// connLimiter limits the requests of one connection, or of one session's
+// connections together. A nil *connLimiter allows everything. It is safe
+// for concurrent use.
 type connLimiter struct {
 	lim *rate.Limiter
 }
@@ -42,4 +43,14 @@ func (l *connLimiter) allow(now time.Time) (ok bool, retryAfter int) {
 		wait = (1 - l.lim.TokensAt(now)) / limit
 	}
 	return false, max(1, int(math.Ceil(wait)))
+}
+
+// allow takes one request at now from the connection's budget and then
+// from its session's, and reports false and the whole seconds to wait
+// when either is spent.
+func (c *conn) allow(now time.Time) (ok bool, retryAfter int) {
+	if ok, retryAfter = c.limiter.allow(now); ok {
+		ok, retryAfter = c.sess.limiter.allow(now)
+	}
+	return ok, retryAfter
 }

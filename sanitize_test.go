@@ -156,7 +156,8 @@ func TestTokenAccessors(t *testing.T) {
 }
 
 // R28: secret-carrying values print and log as a redaction marker with
-// every fmt verb and through slog, alone or inside exported fields.
+// every fmt verb and through slog, alone or inside exported fields; a
+// Session and a Client never print their capability token.
 func TestSecretsRedactThemselves(t *testing.T) {
 	tok := mustToken(t, `{"access_token":"`+fakeAccess+`","refresh_token":"`+fakeRefresh+`"}`)
 	key := Secret(fakeAPIKey)
@@ -172,8 +173,14 @@ func TestSecretsRedactThemselves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv := sessionServer(t, Options{Store: NewMemoryStore()})
+	sess := startSession(t, srv, SessionOptions{Policy: grantAll})
+	capability := string(sess.CapabilityToken())
+	copts := ClientOptions{CapabilityToken: sess.CapabilityToken()}
+	client := newTestClient(t, sess.SocketPath(), copts)
 	var out bytes.Buffer
-	for _, v := range []any{tok, &tok, key, &key, h, &h, []Token{tok}, map[string]Secret{"k": key}, refresher, *refresher, opts, &opts, store} {
+	for _, v := range []any{tok, &tok, key, &key, h, &h, []Token{tok}, map[string]Secret{"k": key}, refresher, *refresher, opts, &opts, store,
+		sess, client, copts, &copts, struct{ S *Session }{sess}} {
 		for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x", "%X", "%d", "%T"} {
 			fmt.Fprintf(&out, verb+"\n", v)
 		}
@@ -189,7 +196,7 @@ func TestSecretsRedactThemselves(t *testing.T) {
 		t.Error("json.Marshal of a Secret succeeded")
 	}
 	got := out.String()
-	for _, secret := range []string{fakeAccess, fakeRefresh, fakeAPIKey, fmt.Sprintf("%x", fakeAccess), fmt.Sprintf("%x", fakeAPIKey)} {
+	for _, secret := range []string{fakeAccess, fakeRefresh, fakeAPIKey, fmt.Sprintf("%x", fakeAccess), fmt.Sprintf("%x", fakeAPIKey), capability} {
 		if strings.Contains(got, secret) {
 			t.Errorf("output contains %q:\n%s", secret, got)
 		}

@@ -38,7 +38,10 @@ type Options struct {
 	// Store holds the credentials the server serves. Required.
 	Store Store
 
-	// Policy decides which requests are allowed. Nil allows all.
+	// Policy decides which requests arriving through [Server.Serve] are
+	// allowed. Nil allows all: Serve is for embedders whose clients are
+	// trusted. A sandbox gets a [Session] instead ([Server.NewSession]),
+	// with a Policy of its own.
 	Policy Policy
 
 	// Logger receives the audit log (one debug record per request) and
@@ -99,6 +102,18 @@ type Options struct {
 	// off.
 	RefreshMargin time.Duration
 
+	// IdleTimeout closes a connection through [Server.Serve] that has
+	// completed its handshake and then sent nothing for this long; the
+	// client reconnects when it next needs to. Zero means 10 minutes;
+	// negative keeps idle connections open. Sessions have their own.
+	IdleTimeout time.Duration
+
+	// MaxNewTokens caps how many tokens connections through
+	// [Server.Serve] may create (save_token for a provider and bucket
+	// that has none) over the server's life. Zero means 16; negative
+	// means no cap. Sessions have their own.
+	MaxNewTokens int
+
 	// DisableRenewal turns off proactive renewal (R16). By default, once
 	// get_token has served a token that can be refreshed, the server
 	// renews it shortly before it expires (at expiry - max(5 min, 10% of
@@ -131,8 +146,13 @@ type Server struct {
 	epoch time.Time // busySince values are monotonic time since epoch
 	watch atomic.Int32
 
+	// main is the session of the connections Serve accepts: Options'
+	// policy and limits, no capability token.
+	main *Session
+
 	mu        sync.Mutex
 	listeners map[*net.Listener]os.FileInfo // the socket file of a Unix listener, when it has one
+	sessions  map[*Session]struct{}         // made by NewSession and not yet closed
 	conns     map[*conn]struct{}
 	connSeq   uint64
 	wg        sync.WaitGroup // every connection goroutine
@@ -172,6 +192,8 @@ func NewServer(opts Options) (*Server, error) {
 	setDefault(&opts.StoreTimeout, DefaultStoreTimeout)
 	setDefault(&opts.WriteTimeout, DefaultWriteTimeout)
 	setDefault(&opts.RefreshMargin, refreshFreshFor)
+	setDefault(&opts.IdleTimeout, DefaultServerIdleTimeout)
+	setDefault(&opts.MaxNewTokens, DefaultMaxNewTokens)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
@@ -183,8 +205,13 @@ func NewServer(opts Options) (*Server, error) {
 		stopping:  make(chan struct{}),
 		epoch:     time.Now(),
 		listeners: make(map[*net.Listener]os.FileInfo),
+		sessions:  make(map[*Session]struct{}),
 		conns:     make(map[*conn]struct{}),
 	}
+	s.main = s.newSession(opts.Policy, "")
+	s.main.maxConns = opts.MaxConnections
+	s.main.idleTimeout = opts.IdleTimeout
+	s.main.maxNew = int64(opts.MaxNewTokens)
 	s.refresh = newCoordinator(s, opts.Refreshers)
 	s.opts.Refreshers = nil // the coordinator holds the copy
 	return s, nil
@@ -197,7 +224,8 @@ func setDefault[T int | time.Duration](v *T, def T) {
 }
 
 // DefaultSocketDir returns the per-user socket directory, without creating
-// it: {realpath(os.TempDir())}/llxprt-cred-{uid} (R3.1).
+// it: {realpath(os.TempDir())}/llxprt-cred-{uid}. [Listen] puts sockets
+// in it, and [Server.NewSession] puts each session's directory in it.
 func DefaultSocketDir() (string, error) {
 	tmp, err := filepath.EvalSymlinks(os.TempDir())
 	if err != nil {
@@ -210,7 +238,11 @@ func DefaultSocketDir() (string, error) {
 // in [DefaultSocketDir] when dir is "", and listens on it; see [ListenPath]
 // for the checks it makes. The nonce is 8 hex digits from crypto/rand, so
 // the name cannot be guessed. Pass the listener to [Server.Serve] and its
-// address (l.Addr().String()) to the sandbox in [SocketEnv].
+// address (l.Addr().String()) to the client in [SocketEnv].
+//
+// A directory that holds several sockets must not be mounted into a
+// sandbox: the sandbox would reach them all. Give each sandbox a
+// [Session] ([Server.NewSession]), whose directory holds its socket only.
 func Listen(dir string) (*net.UnixListener, error) {
 	if dir == "" {
 		var err error
@@ -226,12 +258,18 @@ func Listen(dir string) (*net.UnixListener, error) {
 	return ListenPath(filepath.Join(dir, name))
 }
 
-// ListenPath listens on a Unix socket at path, carefully (R3, R25):
+// ListenPath listens on a Unix socket at path, carefully (PROTOCOL.md,
+// "Socket" and "Sessions"):
+//   - a relative path is made absolute, and symbolic links in the
+//     directories above the socket are resolved;
 //   - a path longer than the platform's sun_path allows is refused, never
 //     truncated;
 //   - the parent directory is created with mode 0700, and if it exists it
 //     must be a real directory, owned by the effective uid and closed to
-//     group and others, or ListenPath refuses to use it;
+//     group and others, or ListenPath refuses to use it; every directory
+//     above it must be owned by root or the effective uid and not be
+//     writable by others unless it is sticky (as /tmp is), since whoever
+//     can rename a directory on the path can put their own in its place;
 //   - if something at path accepts connections, ListenPath fails with
 //     "address already in use"; a stale file is removed;
 //   - the socket is made 0600 before ListenPath returns. It is never more
@@ -242,12 +280,19 @@ func Listen(dir string) (*net.UnixListener, error) {
 // process of the same uid can still race the stale-file check; the private
 // directory keeps everyone else from doing so.
 func ListenPath(path string) (*net.UnixListener, error) {
-	if len(path) > maxSocketPathLen {
-		return nil, errorf("socket path %s is %d bytes, over the %d-byte limit of %s sockets; choose a shorter directory",
-			path, len(path), maxSocketPathLen, runtime.GOOS)
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, errorf("socket path %s: %w", path, err)
 	}
-	if err := ensurePrivateDir(filepath.Dir(path), "socket directory"); err != nil {
+	if err := checkSocketPathLen(abs); err != nil {
 		return nil, err
+	}
+	dir, err := ensurePrivateDir(filepath.Dir(abs), "socket directory")
+	if err != nil {
+		return nil, err
+	}
+	if path = filepath.Join(dir, filepath.Base(abs)); len(path) > maxSocketPathLen {
+		return nil, checkSocketPathLen(path)
 	}
 	if _, err := os.Lstat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
@@ -269,30 +314,12 @@ func ListenPath(path string) (*net.UnixListener, error) {
 	return l, nil
 }
 
-// ensurePrivateDir creates dir with mode 0700, or checks that the existing
-// dir is a real directory that only the effective uid can use (R3.2). what
-// names the directory in errors.
-func ensurePrivateDir(dir, what string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return errorf("create %s: %w", what, err)
-	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return errorf("%s: %w", what, err)
-	}
-	switch {
-	case fi.Mode()&os.ModeSymlink != 0:
-		return errorf("%s %s is a symbolic link; remove it, or choose another directory", what, dir)
-	case !fi.IsDir():
-		return errorf("%s %s is not a directory; remove it, or choose another directory", what, dir)
-	}
-	if uid, ok := fileOwner(fi); ok && uid != os.Geteuid() {
-		return errorf("%s %s is owned by uid %d, not by this process's uid %d; remove it, or choose another directory",
-			what, dir, uid, os.Geteuid())
-	}
-	if runtime.GOOS != "windows" && fi.Mode().Perm()&0o077 != 0 {
-		return errorf("%s %s has mode %#o, open to group or others; run chmod 700 on it, or choose another directory",
-			what, dir, fi.Mode().Perm())
+// checkSocketPathLen refuses a socket path that does not fit sun_path,
+// which the kernel would otherwise truncate.
+func checkSocketPathLen(path string) error {
+	if len(path) > maxSocketPathLen {
+		return errorf("socket path %s is %d bytes, over the %d-byte limit of %s sockets; choose a shorter directory",
+			path, len(path), maxSocketPathLen, runtime.GOOS)
 	}
 	return nil
 }
@@ -306,7 +333,13 @@ func ensurePrivateDir(dir, what string) error {
 // [Options.AllowedUIDs], or whose credentials cannot be read (as with a
 // listener that is not a Unix socket), is disconnected before anything is
 // read (R4). Serve may be called on several listeners at once.
-func (s *Server) Serve(l net.Listener) error {
+//
+// Every connection Serve accepts is served under [Options.Policy] and
+// needs no capability token. For a sandbox, use [Server.NewSession].
+func (s *Server) Serve(l net.Listener) error { return s.serve(l, s.main) }
+
+// serve accepts connections on l for the session ss.
+func (s *Server) serve(l net.Listener, ss *Session) error {
 	defer l.Close()
 	if !s.trackListener(&l, true) {
 		return ErrServerClosed
@@ -331,7 +364,7 @@ func (s *Server) Serve(l net.Listener) error {
 			continue
 		}
 		backoff = 0
-		s.accept(rw)
+		s.accept(rw, ss)
 	}
 }
 
@@ -349,20 +382,21 @@ func (s *Server) trackListener(l *net.Listener, add bool) bool {
 	return true
 }
 
-// accept identifies the peer of rw and starts serving it if it may connect.
-func (s *Server) accept(rw net.Conn) {
+// accept identifies the peer of rw and starts serving it for the session
+// ss if it may connect.
+func (s *Server) accept(rw net.Conn, ss *Session) {
 	peer, err := s.identify(rw)
 	if err != nil {
-		s.log.Warn("credproxy: connection refused: cannot identify the peer", "err", err)
+		s.refused(ss, Peer{}, "connection", "cannot identify the peer", slog.String("err", err.Error()))
 		rw.Close()
 		return
 	}
 	if !s.uidAllowed(peer) {
-		s.log.Warn("credproxy: connection refused: peer uid not allowed", "peer", peer)
+		s.refused(ss, peer, "connection", "peer uid not allowed")
 		rw.Close()
 		return
 	}
-	s.serveConn(rw, peer)
+	s.serveConn(rw, peer, ss)
 }
 
 func (s *Server) identify(rw net.Conn) (Peer, error) {
@@ -390,11 +424,13 @@ func (s *Server) uidAllowed(p Peer) bool {
 	return uid == s.euid || slices.Contains(s.opts.AllowedUIDs, uid)
 }
 
-// serveConn tracks rw and serves it in a new goroutine. It is the seam the
-// in-package tests use to serve a net.Pipe with a chosen peer.
-func (s *Server) serveConn(rw net.Conn, peer Peer) {
+// serveConn tracks rw as a connection of the session ss and serves it in
+// a new goroutine. It is the seam the in-package tests use to serve a
+// net.Pipe with a chosen peer.
+func (s *Server) serveConn(rw net.Conn, peer Peer, ss *Session) {
 	c := &conn{
 		srv:     s,
+		sess:    ss,
 		rwc:     rw,
 		peer:    peer,
 		br:      bufio.NewReader(rw),
@@ -402,41 +438,58 @@ func (s *Server) serveConn(rw net.Conn, peer Peer) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.inShutdown.Load() {
+	if s.inShutdown.Load() || ss.closed {
 		rw.Close()
 		return
 	}
-	if len(s.conns) >= s.opts.MaxConnections {
-		victim := s.oldestPendingLocked()
-		if victim == nil {
-			s.log.Warn("credproxy: connection refused: connection cap reached", "cap", s.opts.MaxConnections, "peer", peer)
-			rw.Close()
-			return
-		}
-		s.log.Warn("credproxy: connection cap reached; dropping the oldest connection still in its handshake", "cap", s.opts.MaxConnections, "peer", victim.peer)
-		delete(s.conns, victim)
-		victim.rwc.Close()
+	// The session's cap first, so that one sandbox filling its own cannot
+	// push out another's connections; then the server's.
+	if ss.conns >= ss.maxConns && !s.makeRoomLocked(ss, ss, peer, ss.maxConns) ||
+		len(s.conns) >= s.opts.MaxConnections && !s.makeRoomLocked(nil, ss, peer, s.opts.MaxConnections) {
+		rw.Close()
+		return
 	}
 	s.connSeq++
 	c.seq = s.connSeq
 	s.conns[c] = struct{}{}
+	ss.conns++
+	ss.live.Add(1)
 	s.wg.Go(c.serve)
 }
 
-func (s *Server) oldestPendingLocked() *conn {
-	var oldest *conn
+// makeRoomLocked drops the oldest connection of the session scope (of any
+// session if scope is nil) that has not completed its handshake, so that
+// silent connections cannot lock a client out, and reports whether it
+// found one. Either way the refusal is logged: of the new connection, of
+// session ss and peer, or of the one dropped.
+func (s *Server) makeRoomLocked(scope, ss *Session, peer Peer, limit int) bool {
+	var victim *conn
 	for c := range s.conns {
-		if !c.handshaken.Load() && (oldest == nil || c.seq < oldest.seq) {
-			oldest = c
+		if (scope == nil || c.sess == scope) && !c.handshaken.Load() && (victim == nil || c.seq < victim.seq) {
+			victim = c
 		}
 	}
-	return oldest
+	if victim == nil {
+		s.refused(ss, peer, "connection", "connection cap reached", slog.Int("cap", limit))
+		return false
+	}
+	s.refused(victim.sess, victim.peer, "connection", "connection cap reached; dropped the oldest connection still in its handshake", slog.Int("cap", limit))
+	s.untrackLocked(victim)
+	victim.rwc.Close()
+	return true
 }
 
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.conns, c)
+	s.untrackLocked(c)
+}
+
+func (s *Server) untrackLocked(c *conn) {
+	if _, ok := s.conns[c]; ok {
+		delete(s.conns, c)
+		c.sess.conns--
+	}
 }
 
 // aLongTimeAgo is a deadline in the past, to interrupt blocked reads.
@@ -464,11 +517,29 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 		s.cancel()
 		s.refresh.close()
+		s.endSessions()
 		return err
 	case <-ctx.Done():
 		s.Close()
 		<-done
 		return ctx.Err()
+	}
+}
+
+// endSessions removes what is left of the sessions once the server has
+// stopped: their directories, and their tokens' validity.
+func (s *Server) endSessions() {
+	s.mu.Lock()
+	ended := make([]*Session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		ss.closed = true
+		delete(s.sessions, ss)
+		ended = append(ended, ss)
+	}
+	s.mu.Unlock()
+	for _, ss := range ended {
+		ss.cancel()
+		ss.removeDir()
 	}
 }
 
@@ -498,6 +569,7 @@ func (s *Server) Close() error {
 	s.cancel()
 	s.wg.Wait()
 	s.refresh.close()
+	s.endSessions()
 	return err
 }
 
@@ -547,6 +619,7 @@ func keepReplacement(l net.Listener, socket os.FileInfo) {
 // Responses are written whole under wmu.
 type conn struct {
 	srv     *Server
+	sess    *Session
 	rwc     net.Conn
 	peer    Peer
 	seq     uint64
@@ -563,6 +636,14 @@ type conn struct {
 	inFlight  atomic.Int32
 	handlers  sync.WaitGroup
 
+	// idleDeadline is when the connection, waiting for its next request,
+	// is closed as idle (zero: never); used by the reader goroutine only.
+	idleDeadline time.Time
+	// Refusals by the rate limit are logged one a second at most; these
+	// count the rest. Used by the reader goroutine only.
+	rateLogged     time.Time
+	rateSuppressed int
+
 	wmu           sync.Mutex
 	writeDead     bool      // a write failed; guarded by wmu
 	writeDeadline time.Time // the connection's write deadline; guarded by wmu
@@ -576,7 +657,10 @@ func (c *conn) serve() {
 		return
 	}
 	c.handshaken.Store(true)
-	c.setReadDeadline(time.Time{})
+	if idle := c.sess.idleTimeout; idle > 0 {
+		c.idleDeadline = time.Now().Add(idle)
+	}
+	c.setReadDeadline(c.idleDeadline)
 	c.readRequests()
 }
 
@@ -584,7 +668,11 @@ func (c *conn) serve() {
 func (c *conn) finish() {
 	c.handlers.Wait()
 	c.rwc.Close()
+	if c.rateSuppressed > 0 {
+		c.srv.refused(c.sess, c.peer, "request", "rate limit exceeded", slog.Int("more", c.rateSuppressed))
+	}
 	c.srv.untrack(c)
+	c.sess.live.Done()
 }
 
 // inlineBudget is how long a request may run in its connection's reader
@@ -601,7 +689,7 @@ const inlineBudget = 500 * time.Microsecond
 // request runs, leaves the rest to the goroutine that took over.
 func (c *conn) readRequests() {
 	for {
-		frame, err := c.readFrame(time.Time{})
+		frame, err := c.readFrame(c.idleDeadline)
 		if err != nil {
 			c.readFailed(err)
 			c.finish()
@@ -730,7 +818,29 @@ func (c *conn) readFrame(idleDeadline time.Time) ([]byte, error) {
 	if err == nil && cap(frame) <= 4096 {
 		c.frame = frame[:0] // keep small buffers; let a large one go
 	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = errFrameTimeout // its first byte had come
+	}
 	return frame, err
+}
+
+// errFrameTimeout is a frame begun and not finished within FrameTimeout,
+// or before the connection's idle or handshake deadline.
+var errFrameTimeout = fmt.Errorf("credproxy: frame not complete in time: %w", os.ErrDeadlineExceeded)
+
+// extendIdle moves the idle deadline to IdleTimeout after now, a request's
+// arrival. Setting a deadline updates a runtime timer, so it is moved only
+// once it has fallen a tenth of IdleTimeout behind: the connection is
+// closed after 0.9 to 1 times IdleTimeout without a request.
+func (c *conn) extendIdle(now time.Time) {
+	idle := c.sess.idleTimeout
+	if idle <= 0 {
+		return
+	}
+	if deadline := now.Add(idle); deadline.Sub(c.idleDeadline) > idle/10 {
+		c.idleDeadline = deadline
+		c.setReadDeadline(deadline)
+	}
 }
 
 // frameBuffered reports whether the whole next frame is already buffered,
@@ -745,18 +855,33 @@ func (c *conn) frameBuffered() bool {
 }
 
 // readFailed answers a frame-level error that leaves the stream out of
-// sync: an empty or oversize header gets one INVALID_REQUEST (R5.4).
+// sync: an empty or oversize header gets one INVALID_REQUEST (R5.4). The
+// refusals, and a connection closed for holding a frame or its handshake
+// back, are logged; a connection closed as idle or by its peer is not a
+// refusal.
 func (c *conn) readFailed(err error) {
 	switch {
 	case errors.Is(err, ErrFrameTooLarge):
-		c.writeFailure(unknownID, invalid("frame too large"), 0)
+		c.refuseFrame("frame too large")
 	case errors.Is(err, errEmptyFrame):
-		c.writeFailure(unknownID, invalid("empty frame"), 0)
-	case errors.Is(err, os.ErrDeadlineExceeded) && !c.srv.inShutdown.Load():
-		c.srv.log.Debug("credproxy: connection timed out", "peer", c.peer, "handshaken", c.handshaken.Load())
-	case err != io.EOF && !errors.Is(err, net.ErrClosed) && !c.srv.inShutdown.Load():
-		c.srv.log.Debug("credproxy: connection read failed", "peer", c.peer, "err", err)
+		c.refuseFrame("empty frame")
+	case c.srv.inShutdown.Load() || errors.Is(err, net.ErrClosed):
+	case errors.Is(err, os.ErrDeadlineExceeded) && !c.handshaken.Load():
+		c.srv.refused(c.sess, c.peer, "handshake", "no complete handshake in time")
+	case errors.Is(err, errFrameTimeout):
+		c.srv.refused(c.sess, c.peer, "frame", "frame not complete in time")
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		c.srv.log.Debug("credproxy: closed an idle connection", "session", c.sess.id, "peer", c.peer)
+	case err != io.EOF:
+		c.srv.log.Debug("credproxy: connection read failed", "session", c.sess.id, "peer", c.peer, "err", err)
 	}
+}
+
+// refuseFrame answers a frame that cannot be read as a request, and logs
+// the refusal.
+func (c *conn) refuseFrame(reason string) {
+	c.srv.refused(c.sess, c.peer, "frame", reason)
+	c.writeFailure(unknownID, invalid(reason), 0)
 }
 
 // handshake reads and answers the first frame (R6). It reports whether the
@@ -770,15 +895,24 @@ func (c *conn) handshake(deadline time.Time) bool {
 	req, perr := c.dec.decode(frame)
 	switch {
 	case perr != nil:
+		c.srv.refused(c.sess, c.peer, "handshake", perr.msg)
 		c.writeFailure(unknownID, perr, 0)
 		return false
 	case req.op != opHandshake:
+		c.srv.refused(c.sess, c.peer, "handshake", "handshake required")
 		c.writeFailure(echoID(req.id), invalid("handshake required"), 0)
 		return false
 	}
+	// The token is checked first: a peer without it learns nothing more,
+	// not even which versions the server speaks.
+	if c.sess.token != "" && (!c.sess.accepts(presentedToken(req)) || c.sess.isClosed()) {
+		c.srv.refused(c.sess, c.peer, "handshake", "invalid or missing capability token")
+		c.writeFrame(handshakeUnauthorized)
+		return false
+	}
 	if _, ok := negotiate(req); !ok {
+		c.srv.refused(c.sess, c.peer, "handshake", "no common protocol version")
 		c.writeFrame(handshakeFail)
-		c.srv.log.Debug("credproxy: handshake refused: no common protocol version", "peer", c.peer)
 		return false
 	}
 	return c.writeFrame(handshakeOK)
@@ -798,33 +932,35 @@ func echoID(id string) string {
 func (c *conn) handle(frame []byte) (handedOver bool) {
 	req, perr := c.dec.decode(frame)
 	now := time.Now()
-	if ok, retryAfter := c.limiter.allow(now); !ok {
+	c.extendIdle(now)
+	if ok, retryAfter := c.allow(now); !ok {
+		c.logRateLimited(now, req.op)
 		c.writeFailure(echoID(req.id), &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter)
 		return false
 	}
 	switch {
 	case perr != nil:
-		c.writeFailure(unknownID, perr, 0)
-		return
+		c.refuseRequest(unknownID, "", perr)
+		return false
 	case req.id == "":
-		c.writeFailure(unknownID, invalid("id must be a non-empty string or an integer"), 0)
-		return
+		c.refuseRequest(unknownID, req.op, invalid("id must be a non-empty string or an integer"))
+		return false
 	case !req.opOK:
-		c.writeFailure(req.id, invalid("op must be a string"), 0)
-		return
+		c.refuseRequest(req.id, "", invalid("op must be a string"))
+		return false
 	case req.payloadErr:
-		c.writeFailure(req.id, invalid("payload must be an object"), 0)
+		c.refuseRequest(req.id, req.op, invalid("payload must be an object"))
 		return false
 	}
 	op := Op(req.op)
 	a, perr := c.dec.decodeArgs(op, req.payload, req.members)
 	if perr != nil {
-		c.writeFailure(req.id, perr, 0)
+		c.refuseRequest(req.id, req.op, perr)
 		return false
 	}
 	if c.inFlight.Add(1) > int32(c.srv.opts.MaxInFlight) {
 		c.inFlight.Add(-1)
-		c.writeFailure(req.id, &protoError{code: CodeResourceExhausted, msg: "too many requests in flight"}, 0)
+		c.refuseRequest(req.id, req.op, &protoError{code: CodeResourceExhausted, msg: "too many requests in flight"})
 		return false
 	}
 	c.handlers.Add(1)
@@ -893,7 +1029,8 @@ func putBuffer(b *[]byte) {
 type result struct {
 	data       []byte
 	fail       *protoError
-	retryAfter int // seconds, for RATE_LIMITED
+	retryAfter int   // seconds, for RATE_LIMITED
+	cause      error // of a refusal, for the host's log
 }
 
 func failure(code Code, msg string) result { return result{fail: &protoError{code: code, msg: msg}} }
@@ -902,7 +1039,7 @@ func failure(code Code, msg string) result { return result{fail: &protoError{cod
 // logs it, releases its in-flight slot and writes the response.
 func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time) {
 	defer c.handlers.Done()
-	ctx := newRequestContext(s.baseCtx, start.Add(s.opts.StoreTimeout))
+	ctx := newRequestContext(c.sess.ctx, start.Add(s.opts.StoreTimeout))
 	defer ctx.release()
 
 	buf := getBuffer()
@@ -910,7 +1047,7 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time
 	// The success response is built in place: exec appends the data object
 	// after the envelope's opening, and a failure starts the frame over.
 	ctx.req = Request{Peer: c.peer, Op: op, Provider: a.provider, Bucket: a.bucket, Key: a.name}
-	res := s.exec(ctx, &ctx.req, a, appendOKStart(startFrame((*buf)[:0]), id))
+	res := s.exec(ctx, c.sess, &ctx.req, a, appendOKStart(startFrame((*buf)[:0]), id))
 	now := time.Now()
 	if res.fail == nil && ctx.errAt(now) != nil {
 		// The store answered after its deadline (15 s), or the server is
@@ -929,13 +1066,16 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time
 	}
 	*buf = frame
 	// The audit record is written before the response, so that it exists
-	// by the time the peer can act on the answer.
-	if s.log.Enabled(ctx, slog.LevelDebug) {
+	// by the time the peer can act on the answer: one record a request, at
+	// debug level, or at info level for a refusal.
+	if res.fail != nil && res.fail.code == CodeUnauthorized {
+		s.refusedRequest(c, op, a, res.fail, res.cause)
+	} else if s.log.Enabled(ctx, slog.LevelDebug) {
 		code := "OK"
 		if res.fail != nil {
 			code = string(res.fail.code)
 		}
-		s.log.LogAttrs(ctx, slog.LevelDebug, "credproxy: request",
+		s.log.LogAttrs(ctx, slog.LevelDebug, "credproxy: request", c.sess.logAttr(),
 			slog.String("op", string(op)), slog.String("provider", a.provider), slog.String("bucket", a.bucket),
 			slog.String("key", a.name), slog.Any("peer", c.peer), slog.String("code", code),
 			slog.Duration("duration", now.Sub(start)))
@@ -1033,11 +1173,13 @@ func (c *requestContext) release() {
 	}
 }
 
-// exec performs op and appends its data object to dst.
-func (s *Server) exec(ctx context.Context, req *Request, a args, dst []byte) result {
+// exec performs op for a connection of the session ss and appends its
+// data object to dst.
+func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, dst []byte) result {
 	op := req.Op
-	if err := s.opts.Policy.Authorize(ctx, req); err != nil {
-		return s.denied(op, err)
+	policy := ss.policy
+	if err := policy.Authorize(ctx, req); err != nil {
+		return denied(err)
 	}
 	st := s.opts.Store
 	switch op {
@@ -1058,18 +1200,15 @@ func (s *Server) exec(ctx context.Context, req *Request, a args, dst []byte) res
 		return result{data: tok.appendSanitised(dst)}
 
 	case OpSaveToken:
-		if err := s.saveToken(ctx, a.provider, a.bucket, a.token); err != nil {
+		if err := s.saveToken(ctx, ss, a.provider, a.bucket, a.token); errors.Is(err, errNewTokenLimit) {
+			return denied(err)
+		} else if err != nil {
 			return s.storeFailure(ctx, op, a, err, "")
 		}
 		return result{data: append(dst, "{}"...)}
 
 	case OpRemoveToken:
-		unlock, err := s.lockToken(ctx, a.provider, a.bucket)
-		if err != nil {
-			return s.storeFailure(ctx, op, a, err, "")
-		}
-		defer unlock()
-		if err := st.RemoveToken(ctx, a.provider, a.bucket); err != nil && !errors.Is(err, ErrNotFound) {
+		if err := s.removeToken(ctx, a.provider, a.bucket); err != nil {
 			// Best effort (R8.4): a logout must not fail in the sandbox.
 			s.logStoreError(op, a, err)
 		}
@@ -1080,16 +1219,24 @@ func (s *Server) exec(ctx context.Context, req *Request, a args, dst []byte) res
 		if err != nil {
 			s.logStoreError(op, a, err)
 		}
-		names = s.filter(ctx, *req, names, func(r *Request, n string) { r.Provider = n })
-		return result{data: appendNames(dst, "providers", names)}
+		names = filterNames(ctx, policy, *req, names, func(r *Request, n string) { r.Provider = n })
+		// A provider is listed only if the sandbox may use one of its
+		// buckets: a name it could not read is not its business.
+		names = slices.DeleteFunc(names, func(provider string) bool {
+			buckets, err := st.ListBuckets(ctx, provider)
+			r := *req
+			r.Provider = provider
+			return err != nil || len(filterNames(ctx, policy, r, buckets, func(r *Request, n string) { r.Bucket = n })) == 0
+		})
+		return s.namesResult(op, dst, "providers", names)
 
 	case OpListBuckets:
 		names, err := st.ListBuckets(ctx, a.provider)
 		if err != nil {
 			s.logStoreError(op, a, err)
 		}
-		names = s.filter(ctx, *req, names, func(r *Request, n string) { r.Bucket = n })
-		return result{data: appendNames(dst, "buckets", names)}
+		names = filterNames(ctx, policy, *req, names, func(r *Request, n string) { r.Bucket = n })
+		return s.namesResult(op, dst, "buckets", names)
 
 	case OpGetBucketStats:
 		if _, err := st.GetToken(ctx, a.provider, a.bucket); err != nil {
@@ -1113,8 +1260,8 @@ func (s *Server) exec(ctx context.Context, req *Request, a args, dst []byte) res
 		if err != nil {
 			s.logStoreError(op, a, err)
 		}
-		names = s.filter(ctx, *req, names, func(r *Request, n string) { r.Key = n })
-		return result{data: appendNames(dst, "keys", names)}
+		names = filterNames(ctx, policy, *req, names, func(r *Request, n string) { r.Key = n })
+		return s.namesResult(op, dst, "keys", names)
 
 	case OpHasAPIKey:
 		_, err := st.GetAPIKey(ctx, a.name)
@@ -1136,38 +1283,83 @@ func (s *Server) exec(ctx context.Context, req *Request, a args, dst []byte) res
 	return failure(CodeInvalidRequest, "unknown operation")
 }
 
+// errNewTokenLimit refuses a save_token that would create a token beyond
+// the session's MaxNewTokens.
+var errNewTokenLimit error = &denial{"this session may create no more tokens"}
+
 // saveToken merges token into the stored one under the per-key lock (R8.3):
-// the incoming refresh token is dropped and the stored one kept.
-func (s *Server) saveToken(ctx context.Context, provider, bucket string, token Token) error {
+// the incoming refresh token is dropped and the stored one kept. A token
+// that does not exist yet counts against the session's MaxNewTokens, and
+// the store's cross-process lock (a lock file, with KeyringStore) is
+// taken only once that allows it, so that a sandbox cannot grow the store
+// by naming new tokens.
+func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket string, token Token) error {
 	incoming := token.WithoutRefreshToken()
-	unlock, err := s.lockToken(ctx, provider, bucket)
+	unlock, err := s.locks.lock(ctx, tokenKey(provider, bucket))
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	stored, err := s.opts.Store.GetToken(ctx, provider, bucket)
+	st := s.opts.Store
+	_, err = st.GetToken(ctx, provider, bucket)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return s.opts.Store.SaveToken(ctx, provider, bucket, incoming)
+		if !ss.reserveNewToken() {
+			return errNewTokenLimit
+		}
 	case err != nil:
 		return err
 	}
-	return s.opts.Store.SaveToken(ctx, provider, bucket, stored.Merge(incoming))
+	unlockStore, err := s.lockStore(ctx, provider, bucket)
+	if err != nil {
+		return err
+	}
+	defer unlockStore()
+	// Read again under the store's lock: another process may have saved.
+	stored, err := st.GetToken(ctx, provider, bucket)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return st.SaveToken(ctx, provider, bucket, incoming)
+	case err != nil:
+		return err
+	}
+	return st.SaveToken(ctx, provider, bucket, stored.Merge(incoming))
+}
+
+// removeToken deletes a token under its per-key lock (R8.4), so that a
+// logout during a refresh or save waits for it and then wins. A token
+// that does not exist is left alone without taking the store's
+// cross-process lock, which would leave a lock file behind for the name.
+func (s *Server) removeToken(ctx context.Context, provider, bucket string) error {
+	unlock, err := s.locks.lock(ctx, tokenKey(provider, bucket))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	st := s.opts.Store
+	if _, err := st.GetToken(ctx, provider, bucket); errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	unlockStore, err := s.lockStore(ctx, provider, bucket)
+	if err != nil {
+		return err
+	}
+	defer unlockStore()
+	if err := st.RemoveToken(ctx, provider, bucket); err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	return nil
 }
 
 // lockToken takes the per-key lock of provider and bucket: the server's
 // own, and then the store's cross-process one if it offers one
 // ([TokenLocker]). The returned function releases both.
 func (s *Server) lockToken(ctx context.Context, provider, bucket string) (unlock func(), err error) {
-	unlockOwn, err := s.locks.lock(ctx, provider+":"+bucket)
+	unlockOwn, err := s.locks.lock(ctx, tokenKey(provider, bucket))
 	if err != nil {
 		return nil, err
 	}
-	locker, ok := s.opts.Store.(TokenLocker)
-	if !ok {
-		return unlockOwn, nil
-	}
-	unlockStore, err := locker.LockToken(ctx, provider, bucket)
+	unlockStore, err := s.lockStore(ctx, provider, bucket)
 	if err != nil {
 		unlockOwn()
 		return nil, err
@@ -1175,22 +1367,54 @@ func (s *Server) lockToken(ctx context.Context, provider, bucket string) (unlock
 	return func() { unlockStore(); unlockOwn() }, nil
 }
 
-// filter returns the sorted names the policy allows, asking once per name
+// lockStore takes the store's cross-process lock of provider and bucket,
+// if the store offers one ([TokenLocker]).
+func (s *Server) lockStore(ctx context.Context, provider, bucket string) (unlock func(), err error) {
+	locker, ok := s.opts.Store.(TokenLocker)
+	if !ok {
+		return func() {}, nil
+	}
+	return locker.LockToken(ctx, provider, bucket)
+}
+
+func tokenKey(provider, bucket string) string { return provider + ":" + bucket }
+
+// filterNames returns the sorted names policy allows, asking once per name
 // with set filling the name into a copy of req (R21.3).
-func (s *Server) filter(ctx context.Context, req Request, names []string, set func(*Request, string)) []string {
-	kept := names[:0]
+func filterNames(ctx context.Context, policy Policy, req Request, names []string, set func(*Request, string)) []string {
+	kept := make([]string, 0, len(names))
 	for _, n := range names {
 		if !validName(n) {
 			continue
 		}
 		r := req
 		set(&r, n)
-		if s.opts.Policy.Authorize(ctx, &r) == nil {
+		if policy.Authorize(ctx, &r) == nil {
 			kept = append(kept, n)
 		}
 	}
 	slices.Sort(kept)
 	return slices.Compact(kept)
+}
+
+// namesResult appends a list's data object, with as many of the sorted
+// names as fit in a frame: a list never fails for its size. A list cut
+// short is logged on the host.
+func (s *Server) namesResult(op Op, dst []byte, member string, names []string) result {
+	// What the frame holds besides the names: the envelope so far, the
+	// data object's member name, brackets and braces.
+	room := MaxFrameSize - (len(dst) - frameHeaderLen) - len(member) - len(`{"":[]}}`)
+	n := 0
+	for i, name := range names {
+		if room -= len(name) + len(`"",`); room < 0 {
+			break
+		}
+		n = i + 1
+	}
+	if n < len(names) {
+		s.log.Warn("credproxy: list cut short to fit a frame", "op", op, "names", len(names), "sent", n)
+	}
+	return result{data: appendNames(dst, member, names[:n])}
 }
 
 // refreshFailure maps a refresh error to its code and a fixed message; the
@@ -1219,15 +1443,17 @@ func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) r
 }
 
 // denied turns a policy error into UNAUTHORIZED with a message naming the
-// kind of thing refused, never the policy's own text.
-func (s *Server) denied(op Op, err error) result {
+// kind of thing refused, never the policy's own text, which is logged on
+// the host.
+func denied(err error) result {
 	msg := "request not allowed"
 	var d *denial
 	if errors.As(err, &d) {
 		msg = d.msg
 	}
-	s.log.Debug("credproxy: request denied by policy", "op", op, "err", err)
-	return failure(CodeUnauthorized, msg)
+	res := failure(CodeUnauthorized, msg)
+	res.cause = err
+	return res
 }
 
 // storeFailure maps a store error to a response: NOT_FOUND with notFound

@@ -947,13 +947,14 @@ func TestAllowListScopesRequests(t *testing.T) {
 }
 
 // R21.3: lists are filtered through the policy, each kind of name against
-// its own set only.
+// its own set only. S6: a provider is listed only if the client may use
+// one of its buckets (openai has none but "default", which is not allowed).
 func TestAllowListFiltersLists(t *testing.T) {
 	policy := &AllowList{Providers: []string{"anthropic", "openai"}, Buckets: []string{"work"}, Keys: []string{"zeta", "gemini"}}
 	_, path := startServer(t, Options{Store: defaultStore(t), Policy: policy})
 	c := newTestClient(t, path, ClientOptions{})
 	ctx := t.Context()
-	if got, err := c.ListProviders(ctx); err != nil || !slices.Equal(got, []string{"anthropic", "openai"}) {
+	if got, err := c.ListProviders(ctx); err != nil || !slices.Equal(got, []string{"anthropic"}) {
 		t.Errorf("ListProviders = %v, %v", got, err)
 	}
 	if got, err := c.ListBuckets(ctx, "anthropic"); err != nil || !slices.Equal(got, []string{"work"}) {
@@ -1191,24 +1192,26 @@ func TestAuditLogRecordsRequestsWithoutSecrets(t *testing.T) {
 		if err := jsonUnmarshalCaseless(line, &rec); err != nil {
 			t.Fatalf("log line %s: %v", line, err)
 		}
-		if rec.Msg == "credproxy: request" {
+		if rec.Msg == "credproxy: request" || rec.Msg == "credproxy: refused" {
 			records = append(records, rec)
 		}
 	}
-	want := []struct{ op, provider, bucket, key, code string }{
-		{"get_token", "anthropic", "default", "", "OK"},
-		{"get_token", "missing", "b", "", "NOT_FOUND"},
-		{"get_api_key", "", "", "openai", "OK"},
-		{"get_api_key", "", "", "zeta", "UNAUTHORIZED"},
-		{"save_token", "anthropic", "default", "", "OK"},
+	// One record a request: at debug level, or at info level for the
+	// refusal (S11), which has no duration.
+	want := []struct{ level, op, provider, bucket, key, code string }{
+		{"DEBUG", "get_token", "anthropic", "default", "", "OK"},
+		{"DEBUG", "get_token", "missing", "b", "", "NOT_FOUND"},
+		{"DEBUG", "get_api_key", "", "", "openai", "OK"},
+		{"INFO", "get_api_key", "", "", "zeta", "UNAUTHORIZED"},
+		{"DEBUG", "save_token", "anthropic", "default", "", "OK"},
 	}
 	if len(records) != len(want) {
 		t.Fatalf("%d request records, want %d:\n%s", len(records), len(want), logs)
 	}
 	for i, w := range want {
 		r := records[i]
-		if r.Level != "DEBUG" || r.Op != w.op || r.Provider != w.provider || r.Bucket != w.bucket || r.Key != w.key ||
-			r.Code != w.code || r.Peer.UID != os.Geteuid() || r.Peer.PID != os.Getpid() || r.Duration <= 0 {
+		if r.Level != w.level || r.Op != w.op || r.Provider != w.provider || r.Bucket != w.bucket || r.Key != w.key ||
+			r.Code != w.code || r.Peer.UID != os.Geteuid() || r.Peer.PID != os.Getpid() || (r.Duration <= 0) != (w.level == "INFO") {
 			t.Errorf("record %d: %+v, want %+v", i, r, w)
 		}
 	}

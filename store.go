@@ -67,9 +67,14 @@ type StoreCloser interface {
 // The caller closes the store when done with it.
 func OpenStore(ctx context.Context) (StoreCloser, error) {
 	// Each branch returns a nil interface on error, not a nil pointer in one.
-	if path := os.Getenv(SocketEnv); path != "" {
-		c, err := Dial(ctx, path, ClientOptions{})
+	if os.Getenv(SocketEnv) != "" {
+		c, err := NewClientFromEnv(ClientOptions{})
 		if err != nil {
+			return nil, err
+		}
+		dctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
+		defer cancel()
+		if _, err := c.connect(dctx); err != nil {
 			return nil, err
 		}
 		return c, nil

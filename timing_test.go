@@ -39,7 +39,7 @@ func pipeServer(t *testing.T, opts Options) (*Server, func() net.Conn) {
 	t.Cleanup(func() { srv.Close() })
 	return srv, func() net.Conn {
 		client, server := net.Pipe()
-		srv.serveConn(server, selfPeer())
+		srv.serveConn(server, selfPeer(), srv.main)
 		t.Cleanup(func() { client.Close() })
 		return client
 	}
@@ -112,17 +112,41 @@ func TestTrickledFrameIsCutOffAfterFrameTimeout(t *testing.T) {
 	})
 }
 
-// R5.3: an idle connection between frames is not timed out: a request
-// after an hour of silence is served.
-func TestIdleConnectionAfterHandshakeStaysOpen(t *testing.T) {
+// R5.3: an idle connection between frames is not cut by the frame
+// timeout: a request after an hour of silence is served, with the idle
+// timeout off. S9: with it on (10 minutes by default), a connection that
+// sends nothing is closed after 0.9 to 1 times it, and one that keeps
+// sending is not.
+func TestIdleConnectionAfterHandshake(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		_, connect := pipeServer(t, Options{Store: NewMemoryStore()})
+		_, connect := pipeServer(t, Options{Store: NewMemoryStore(), IdleTimeout: -1})
 		r := &rawConn{t: t, c: connect()}
 		r.handshake()
 		time.Sleep(time.Hour)
 		r.send(`{"v":1,"id":"late","op":"list_api_keys"}`)
 		if got := r.recv(); got != `{"id":"late","ok":true,"data":{"keys":[]}}` {
 			t.Errorf("after an hour: %s", got)
+		}
+	})
+	synctest.Test(t, func(t *testing.T) {
+		_, connect := pipeServer(t, Options{Store: NewMemoryStore()})
+		busy := &rawConn{t: t, c: connect()}
+		busy.handshake()
+		idle := &rawConn{t: t, c: connect()}
+		idle.handshake()
+		start := time.Now()
+		closed := make(chan time.Duration)
+		go func() {
+			io.Copy(io.Discard, idle.c)
+			closed <- time.Since(start)
+		}()
+		for i := range 30 { // a request a minute for half an hour
+			time.Sleep(time.Minute)
+			busy.send(`{"v":1,"id":"` + strconv.Itoa(i) + `","op":"list_api_keys"}`)
+			busy.recv()
+		}
+		if took := <-closed; took < DefaultServerIdleTimeout*9/10 || took > DefaultServerIdleTimeout {
+			t.Errorf("idle connection closed after %v, want 0.9 to 1 times %v", took, DefaultServerIdleTimeout)
 		}
 	})
 }

@@ -10,7 +10,10 @@
 // token endpoint: refresh_token works, get_token refreshes a token about to
 // expire, and served tokens are renewed before they expire.
 // When the server listens it prints one line, LLXPRT_CREDENTIAL_SOCKET=<path>,
-// on stdout; logs go to stderr. SIGINT or SIGTERM shuts it down gracefully,
+// on stdout; logs go to stderr. With -session it serves a session instead:
+// clients must present its capability token, which it prints on a second
+// line, LLXPRT_CAPABILITY_TOKEN=<token>, and the -allow flags form its
+// read-only Grant. SIGINT or SIGTERM shuts it down gracefully,
 // removes the socket and exits 0.
 package main
 
@@ -22,6 +25,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -49,6 +53,8 @@ func run() error {
 		socketDir  = flag.String("socket-dir", "", "`directory` for the socket (default: the per-user directory in the temp dir)")
 		verbose    = flag.Bool("v", false, "log every request (the audit log) on stderr")
 		maxConns   = flag.Int("max-connections", 0, "cap on concurrent `connections` (0: the default, 256)")
+		maxNew     = flag.Int("max-new-tokens", -1, "cap on the `tokens` clients may create (negative: none, as suits a test server; 0: the library's default, 16)")
+		session    = flag.Bool("session", false, "serve a session instead of a plain socket: a capability token is required, and the -allow flags form a read-only Grant (none given: nothing; '*': all); prints LLXPRT_CAPABILITY_TOKEN=<token> on a second line")
 		tokenURL   = flag.String("token-url", "", "OAuth2 token endpoint `URL`: refresh every provider's tokens there")
 		clientID   = flag.String("client-id", "", "OAuth2 client `id` for -token-url")
 		secret     = flag.String("client-secret", "", "OAuth2 client `secret` for -token-url (visible in ps; for tests)")
@@ -92,6 +98,7 @@ func run() error {
 		RateLimit:      *rate,
 		Refreshers:     refreshers,
 		MaxConnections: *maxConns,
+		MaxNewTokens:   *maxNew,
 	}
 	if *rate == 0 {
 		opts.RateLimit = -1
@@ -100,16 +107,32 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	ln, err := credproxy.Listen(*socketDir)
-	if err != nil {
-		return err
+	served := make(chan error, 1)
+	if *session {
+		grant := &credproxy.Grant{Providers: allow.Providers, Buckets: allow.Buckets, Keys: allow.Keys}
+		sessOpts := credproxy.SessionOptions{Policy: grant, MaxConnections: *maxConns, MaxNewTokens: *maxNew}
+		if *rate == 0 {
+			sessOpts.RateLimit = -1
+		}
+		if *socketDir != "" {
+			sessOpts.Dir = filepath.Join(*socketDir, "session")
+		}
+		sess, err := srv.NewSession(sessOpts)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%s=%s\nLLXPRT_CAPABILITY_TOKEN=%s\n", credproxy.SocketEnv, sess.SocketPath(), string(sess.CapabilityToken()))
+	} else {
+		ln, err := credproxy.Listen(*socketDir)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%s=%s\n", credproxy.SocketEnv, ln.Addr())
+		go func() { served <- srv.Serve(ln) }()
 	}
-	fmt.Printf("%s=%s\n", credproxy.SocketEnv, ln.Addr())
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
 	select {
 	case err := <-served:
 		return err
@@ -119,6 +142,9 @@ func run() error {
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		return err
+	}
+	if *session {
+		return nil
 	}
 	if err := <-served; !errors.Is(err, credproxy.ErrServerClosed) {
 		return err

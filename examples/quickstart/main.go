@@ -1,7 +1,9 @@
 // Command quickstart shows credproxy end to end in one process: a host
-// serves a token (with a refresh token) and an API key from a MemoryStore
-// on a private Unix socket, and a client reads them as a sandboxed process
-// would. The refresh token stays on the host.
+// starts a session for a sandbox, granting it one provider's token
+// (stored with a refresh token) and one API key from a MemoryStore, and a
+// client reads them as the sandboxed process would, with the session's
+// capability token. The refresh token stays on the host, a client without
+// the capability token is refused, and closing the session revokes it.
 package main
 
 import (
@@ -49,21 +51,24 @@ func run(out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ln, err := credproxy.Listen("")
+	sess, err := srv.NewSession(credproxy.SessionOptions{
+		Policy: &credproxy.Grant{Providers: []string{"anthropic"}, Keys: []string{"openai"}},
+	})
 	if err != nil {
-		return err
+		return err // the socket directory is unsafe: do not start the sandbox
 	}
-	path := ln.Addr().String()
-	go srv.Serve(ln)
+	path := sess.SocketPath()
 	fi, err := os.Stat(path)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "host:    serving on %s (mode %v)\n", path, fi.Mode())
-	fmt.Fprintf(out, "host:    a launcher would now start the sandbox with %s=%s\n", credproxy.SocketEnv, path)
+	fmt.Fprintf(out, "host:    session %s on %s (mode %v), alone in its directory\n", sess.ID(), path, fi.Mode())
+	fmt.Fprintf(out, "host:    a launcher would mount %s into the sandbox, read-only, and pass %q and the token on fd 3\n",
+		sess.Dir(), sess.Environ())
 
-	// Sandbox side: a client on the socket.
-	client := credproxy.NewClient(path, credproxy.ClientOptions{})
+	// Sandbox side: a client on the socket, with the session's token (a
+	// sandboxed process gets it from NewClientFromEnv, which reads fd 3).
+	client := credproxy.NewClient(path, credproxy.ClientOptions{CapabilityToken: sess.CapabilityToken()})
 	defer client.Close()
 	got, err := client.GetToken(ctx, "anthropic", "")
 	if err != nil {
@@ -75,6 +80,13 @@ func run(out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "sandbox: get_api_key openai  -> %s\n", string(key))
+	err = client.SaveToken(ctx, "anthropic", "", tok)
+	fmt.Fprintf(out, "sandbox: save_token anthropic -> %v (the grant is read-only)\n", err)
+
+	stranger := credproxy.NewClient(path, credproxy.ClientOptions{})
+	defer stranger.Close()
+	_, err = stranger.GetToken(ctx, "anthropic", "")
+	fmt.Fprintf(out, "other:   get_token without the capability token -> %v\n", err)
 
 	stored, err := store.GetToken(ctx, "anthropic", "")
 	if err != nil {
@@ -85,13 +97,14 @@ func run(out io.Writer) error {
 	}
 	fmt.Fprintln(out, "result:  the refresh token did not cross the socket: the sandbox's token has no refresh_token; the host's store still has it")
 
-	shutdownCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
+	// The sandbox exited: close its session. Its token is worthless now.
+	if err := sess.Close(); err != nil {
 		return err
 	}
-	if _, err := os.Stat(path); os.IsNotExist(err) {
-		fmt.Fprintln(out, "host:    shut down; socket removed")
+	if _, err := os.Stat(sess.Dir()); os.IsNotExist(err) {
+		fmt.Fprintln(out, "host:    session closed; its socket and directory are gone")
 	}
-	return nil
+	shutdownCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return srv.Shutdown(shutdownCtx)
 }

@@ -1,0 +1,407 @@
+package credproxy
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// CapabilityFDEnv is the environment variable that tells a sandboxed
+// process which file descriptor holds its session's capability token. Its
+// value is always "3"; see [Session.HandoffFile] and [NewClientFromEnv].
+const CapabilityFDEnv = "LLXPRT_CAPABILITY_FD"
+
+// capabilityFD is the only descriptor a capability token is handed over
+// on, as the reference implementation does.
+const capabilityFD = 3
+
+// Defaults for the zero values of [SessionOptions] (and, for idle
+// connections and new tokens, of [Options]).
+const (
+	DefaultSessionMaxConnections = 32
+	DefaultSessionRateLimit      = 120
+	DefaultServerIdleTimeout     = 10 * time.Minute
+	DefaultMaxNewTokens          = 16
+)
+
+// SessionOptions configures a [Session]. Policy is required; every other
+// zero value is safe and gives the default the field names.
+type SessionOptions struct {
+	// Policy decides what the session's sandbox may do. Required, so that
+	// nothing is ever granted by omission; a [*Grant] is the usual choice,
+	// and is read-only unless told otherwise.
+	Policy Policy
+
+	// Dir is the session's own directory: it holds the session's socket
+	// and nothing else, and is what a launcher mounts into the sandbox
+	// (read-only is enough to connect). It must not exist, or be an empty
+	// directory owned by this process's uid with mode 0700; every
+	// directory above it must be owned by root or this uid and not be
+	// writable by others (sticky directories such as /tmp excepted). A
+	// directory the session created is removed when it closes. Empty
+	// means a new directory in [DefaultSocketDir].
+	Dir string
+
+	// MaxConnections caps the session's concurrent connections. Zero
+	// means 32. When the cap is reached, the session's oldest connection
+	// still in its handshake is dropped, or else the new one is refused;
+	// the server's own cap ([Options.MaxConnections]) applies as well.
+	MaxConnections int
+
+	// RateLimit is the number of requests per second the session's
+	// connections may send together, and RateBurst how many at once, on
+	// top of the per-connection limit of [Options.RateLimit]. Zero means
+	// 120 and 120. A negative RateLimit switches the session's limit off.
+	RateLimit float64
+	RateBurst int
+
+	// IdleTimeout closes a connection that has completed its handshake and
+	// then sent nothing for this long; clients reconnect when they next
+	// need to. Zero means 10 minutes; negative keeps idle connections open.
+	IdleTimeout time.Duration
+
+	// MaxNewTokens caps how many tokens the sandbox may create (save_token
+	// for a provider and bucket that has none) over the session's life,
+	// when its Policy allows writes at all. Zero means 16; negative means
+	// no cap.
+	MaxNewTokens int
+}
+
+// Session is one sandbox's way in to a [Server]: its own socket, in a
+// directory of its own, reached only with its capability token, and
+// served under its own Policy, connection cap, rate budget and idle
+// timeout. A launcher starts one per sandbox with [Server.NewSession],
+// mounts [Session.Dir] into the sandbox, passes [Session.Environ] and
+// [Session.HandoffFile] to the sandboxed command, and closes the session
+// when the command exits: that revokes everything it granted.
+//
+// A Session is safe for concurrent use. Its printed forms never show its
+// capability token.
+type Session struct {
+	srv     *Server
+	id      string
+	policy  Policy
+	token   Secret   // "" for the server's own session, which Serve uses
+	digest  [32]byte // of token
+	dir     string   // "" for the server's own session
+	socket  string
+	madeDir bool
+	ctx     context.Context // ends when the session closes
+	cancel  context.CancelFunc
+	limiter *connLimiter // the session's rate budget; nil: none
+
+	maxConns    int
+	idleTimeout time.Duration
+	maxNew      int64 // < 0: no cap
+	created     atomic.Int64
+
+	// Guarded by srv.mu.
+	listener net.Listener
+	conns    int
+	closed   bool
+
+	live      sync.WaitGroup // its connections' goroutines
+	accepting sync.WaitGroup // its accept loop
+}
+
+// NewSession starts serving a new session, for one sandbox: it creates the
+// session's directory, listens on a socket in it and makes the session's
+// capability token. The errors say what to fix, so a launcher can report
+// them and not start the sandbox. A session ends with [Session.Close], or
+// with the server's Shutdown or Close.
+func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
+	if opts.Policy == nil {
+		return nil, errors.New("credproxy: SessionOptions.Policy is nil; say what the sandbox may do, for example with a *credproxy.Grant")
+	}
+	if g, ok := opts.Policy.(*Grant); ok {
+		if err := g.check(); err != nil {
+			return nil, err
+		}
+	}
+	if opts.MaxConnections < 0 || opts.RateBurst < 0 {
+		return nil, errors.New("credproxy: SessionOptions has a negative limit; use zero for the default")
+	}
+	setDefault(&opts.MaxConnections, DefaultSessionMaxConnections)
+	setDefault(&opts.IdleTimeout, DefaultServerIdleTimeout)
+	setDefault(&opts.MaxNewTokens, DefaultMaxNewTokens)
+	if opts.RateLimit == 0 {
+		opts.RateLimit = DefaultSessionRateLimit
+	}
+	if opts.RateBurst == 0 {
+		opts.RateBurst = max(1, int(min(opts.RateLimit+0.999999, 1<<30)))
+	}
+
+	sess := s.newSession(opts.Policy, randomHex(4))
+	sess.token = Secret(randomHex(32))
+	sess.digest = capabilityDigest(string(sess.token))
+	sess.maxConns = opts.MaxConnections
+	sess.idleTimeout = opts.IdleTimeout
+	sess.maxNew = int64(opts.MaxNewTokens)
+	sess.limiter = newConnLimiter(opts.RateLimit, opts.RateBurst)
+
+	if err := sess.makeDir(opts.Dir); err != nil {
+		sess.cancel()
+		return nil, err
+	}
+	ln, err := sess.listen()
+	if err != nil {
+		sess.removeDir()
+		sess.cancel()
+		return nil, err
+	}
+	if !s.trackSession(sess, ln) {
+		ln.Close()
+		sess.removeDir()
+		sess.cancel()
+		return nil, ErrServerClosed
+	}
+	sess.accepting.Add(1)
+	s.wg.Go(func() {
+		defer sess.accepting.Done()
+		s.serve(ln, sess)
+	})
+	s.log.Info("credproxy: session started", "session", sess.id, "socket", sess.socket, "grant", policyString(sess.policy))
+	return sess, nil
+}
+
+// newSession returns a session with policy and id, and a context that
+// ends with the server's.
+func (s *Server) newSession(policy Policy, id string) *Session {
+	ctx, cancel := context.WithCancel(s.baseCtx)
+	return &Session{srv: s, id: id, policy: policy, ctx: ctx, cancel: cancel, maxNew: -1}
+}
+
+// makeDir creates the session's directory: dir, or a new one in the
+// default socket directory.
+func (ss *Session) makeDir(dir string) error {
+	if dir == "" {
+		base, err := DefaultSocketDir()
+		if err != nil {
+			return err
+		}
+		if base, err = ensurePrivateDir(base, "socket directory"); err != nil {
+			return err
+		}
+		dir = filepath.Join(base, "session-"+ss.id)
+	}
+	dir, err := trustedParent(dir, "session directory")
+	if err != nil {
+		return err
+	}
+	switch err := os.Mkdir(dir, 0o700); {
+	case err == nil:
+		ss.madeDir = true
+		// The umask may have narrowed the mode, never widened it; make
+		// it exact anyway, as the checks below expect.
+		if err := os.Chmod(dir, 0o700); err != nil {
+			os.Remove(dir)
+			return errorf("session directory: %w", err)
+		}
+	case errors.Is(err, os.ErrExist):
+		if err := checkPrivateDir(dir, "session directory"); err != nil {
+			return err
+		}
+		if !dirEmpty(dir) {
+			return errorf("session directory %s is not empty (a run that was killed may have left it); remove it, or choose another directory", dir)
+		}
+	default:
+		return errorf("create session directory: %w", err)
+	}
+	ss.dir = dir
+	return nil
+}
+
+func dirEmpty(dir string) bool {
+	f, err := os.Open(dir)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	_, err = f.Readdirnames(1)
+	return err == io.EOF
+}
+
+// listen listens on the session's socket, llxprt-cred-{pid}-{nonce}.sock
+// in its directory, which holds nothing else.
+func (ss *Session) listen() (*net.UnixListener, error) {
+	path := filepath.Join(ss.dir, fmt.Sprintf("llxprt-cred-%d-%s.sock", os.Getpid(), randomHex(4)))
+	if err := checkSocketPathLen(path); err != nil {
+		return nil, err
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, errorf("listen: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, errorf("chmod socket: %w", err)
+	}
+	ss.socket = path
+	return l, nil
+}
+
+// trackSession registers a session and its listener, unless the server is
+// shutting down.
+func (s *Server) trackSession(ss *Session, ln net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inShutdown.Load() {
+		return false
+	}
+	ss.listener = ln
+	s.sessions[ss] = struct{}{}
+	return true
+}
+
+// ID returns the session's id, which names it in the host's log (and in
+// its default directory's name).
+func (ss *Session) ID() string { return ss.id }
+
+// Dir returns the session's directory, an absolute path: the one to mount
+// into the sandbox, read-only.
+func (ss *Session) Dir() string { return ss.dir }
+
+// SocketPath returns the absolute path of the session's socket, the value
+// of [SocketEnv] in the sandbox.
+func (ss *Session) SocketPath() string { return ss.socket }
+
+// CapabilityToken returns the session's capability token: 64 lowercase hex
+// characters, which a client must present in its handshake. Hand it to the
+// sandbox with [Session.HandoffFile] rather than in its environment or
+// arguments, where other processes can read it.
+func (ss *Session) CapabilityToken() Secret { return ss.token }
+
+// Environ returns the environment variables a sandboxed command needs, as
+// "KEY=value" strings: [SocketEnv] with the socket's path and
+// [CapabilityFDEnv]=3. Add them to the command's environment, and pass
+// [Session.HandoffFile] as its file descriptor 3.
+func (ss *Session) Environ() []string {
+	return []string{SocketEnv + "=" + ss.socket, CapabilityFDEnv + "=" + strconv.Itoa(capabilityFD)}
+}
+
+// HandoffFile returns a file that holds the capability token and a
+// newline, and nothing else, to pass to the sandboxed command as its file
+// descriptor 3 (in Go, as ExtraFiles[0] of an exec.Cmd). Close it once the
+// command has started. On Linux it is a sealed memory file, which every
+// process of the sandbox that inherits it can read; elsewhere it is a
+// pipe, which the first reader drains. The token never touches a disk.
+func (ss *Session) HandoffFile() (*os.File, error) {
+	return handoffFile(string(ss.token) + "\n")
+}
+
+// String describes the session without its token.
+func (ss *Session) String() string {
+	return "credproxy.Session(" + ss.id + " at " + ss.socket + ")"
+}
+
+// GoString is String, so that %#v does not print the token.
+func (ss *Session) GoString() string { return ss.String() }
+
+// Format prints String for every verb, so no verb reaches the token.
+func (ss *Session) Format(f fmt.State, _ rune) { io.WriteString(f, ss.String()) }
+
+// Close ends the session: it closes its listener and every one of its
+// connections (requests in flight are cancelled and get no answer),
+// removes its socket and the directory it created, and invalidates its
+// token. It returns once the session's goroutines have exited. Close may
+// be called more than once; the server and its other sessions go on.
+func (ss *Session) Close() error {
+	s := ss.srv
+	s.mu.Lock()
+	first := !ss.closed
+	ss.closed = true
+	var err error
+	if first {
+		err = s.closeSessionLocked(ss)
+	}
+	s.mu.Unlock()
+	ss.cancel()
+	ss.accepting.Wait()
+	ss.live.Wait()
+	if first {
+		ss.removeDir()
+		s.log.Info("credproxy: session closed", "session", ss.id)
+	}
+	return err
+}
+
+// closeSessionLocked closes the session's listener and connections.
+func (s *Server) closeSessionLocked(ss *Session) error {
+	delete(s.sessions, ss)
+	var err error
+	if ss.listener != nil {
+		for l := range s.listeners {
+			if *l == ss.listener {
+				keepReplacement(*l, s.listeners[l])
+				delete(s.listeners, l)
+			}
+		}
+		if cerr := ss.listener.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
+			err = cerr
+		}
+	}
+	for c := range s.conns {
+		if c.sess == ss {
+			c.rwc.Close()
+		}
+	}
+	return err
+}
+
+// removeDir removes what is left of the session's socket file and the
+// directory, if the session created it.
+func (ss *Session) removeDir() {
+	if ss.socket != "" {
+		if fi, err := os.Lstat(ss.socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			os.Remove(ss.socket)
+		}
+	}
+	if ss.madeDir {
+		os.Remove(ss.dir) // only if empty: nothing else of anyone's is removed
+	}
+}
+
+// isClosed reports whether the session has been closed.
+func (ss *Session) isClosed() bool {
+	ss.srv.mu.Lock()
+	defer ss.srv.mu.Unlock()
+	return ss.closed
+}
+
+// reserveNewToken counts a token the sandbox is about to create, and
+// reports whether the session may create it.
+func (ss *Session) reserveNewToken() bool {
+	if ss.maxNew < 0 {
+		return true
+	}
+	if ss.created.Add(1) > ss.maxNew {
+		ss.created.Add(-1)
+		return false
+	}
+	return true
+}
+
+// randomHex returns n bytes from crypto/rand in lowercase hex.
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b) // never fails (crypto/rand documents that it crashes the program instead)
+	return hex.EncodeToString(b)
+}
+
+// policyString describes a policy for the log: a Grant in its own words.
+func policyString(p Policy) string {
+	if st, ok := p.(fmt.Stringer); ok {
+		return st.String()
+	}
+	return fmt.Sprintf("%T", p)
+}
