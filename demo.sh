@@ -2,7 +2,9 @@
 # The credproxy demo: a host keeps a token (with its refresh token) and an API
 # key in its keyring store, and a program inside a bubblewrap sandbox, which
 # has no network and cannot see the store, fetches the access token and the key
-# through the proxy socket. The refresh token never enters the sandbox.
+# through its session's socket, with the capability token credproxy run hands
+# it on file descriptor 3. The refresh token never enters the sandbox, and the
+# sandbox, granted read-only access, cannot change the host's token.
 #
 # Needs Go and bubblewrap (installed with apt-get when run as root on Debian or
 # Ubuntu). Everything it creates lives in a temporary directory, removed at exit.
@@ -33,19 +35,21 @@ echo '{"access_token":"demo-access-token-0000","refresh_token":"demo-refresh-tok
 printf 'sk-demo-not-a-real-key' | "$work/credproxy" key set openai
 echo "host:    stored a token for anthropic (with a refresh token) and an API key in $store"
 
-sockets="$work/sockets"
+session="$work/session"
 inside='
 echo "sandbox: uid $(id -u), network interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " ")"
 if test -e "'"$store"'"; then echo "sandbox: can see the host store (unexpected)"; else echo "sandbox: cannot see the host store"; fi
+echo "sandbox: its session directory holds: $(ls "'"$session"'")"
 echo "sandbox: credproxy token get anthropic -> $(/credproxy token get anthropic)"
 echo "sandbox: credproxy key get -raw openai -> $(/credproxy key get -raw openai)"
+echo "sandbox: credproxy token set anthropic -> $(echo "{\"access_token\":\"planted\"}" | /credproxy token set anthropic 2>&1)"
 '
-echo "host:    credproxy run -- bwrap --unshare-all ... (only /usr, the socket directory and the credproxy binary inside)"
-out=$("$work/credproxy" run -socket-dir "$sockets" -allow-provider anthropic -- \
+echo "host:    credproxy run -allow-provider anthropic -allow-key openai -- bwrap --unshare-all ... (only /usr, the session directory and the credproxy binary inside, read-only)"
+out=$("$work/credproxy" run -session-dir "$session" -allow-provider anthropic -allow-key openai -- \
 	bwrap --unshare-all --die-with-parent --ro-bind /usr /usr \
 	--symlink usr/lib /lib --symlink usr/lib64 /lib64 --symlink usr/bin /bin \
 	--proc /proc --dev /dev --tmpfs /tmp \
-	--bind "$sockets" "$sockets" --ro-bind "$work/credproxy" /credproxy \
+	--ro-bind "$session" "$session" --ro-bind "$work/credproxy" /credproxy \
 	-- /bin/sh -c "$inside")
 echo "$out"
 
@@ -57,5 +61,10 @@ if ! grep -q 'demo-access-token-0000' <<<"$out"; then
 	echo "result:  FAILED: the sandbox did not get the token" >&2
 	exit 1
 fi
-echo "result:  the sandbox got the access token and the key; the refresh token stayed on the host:"
-echo "host:    $("$work/credproxy" token get -with-refresh-token anthropic)"
+after=$("$work/credproxy" token get -with-refresh-token anthropic)
+if grep -q planted <<<"$after"; then
+	echo "result:  FAILED: the sandbox changed the host's token" >&2
+	exit 1
+fi
+echo "result:  the sandbox got the access token and the key, and could not change the token; the refresh token stayed on the host:"
+echo "host:    $after"

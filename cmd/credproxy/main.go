@@ -1,10 +1,12 @@
 // Command credproxy runs a program, typically a sandbox launcher, with a
-// credential proxy beside it: the program reaches the host's access tokens
-// and API keys through the socket named by LLXPRT_CREDENTIAL_SOCKET, and
-// never sees a refresh token. It also manages the host's store.
+// credential proxy session beside it: the program reaches the access
+// tokens and API keys its grant names through the socket named by
+// LLXPRT_CREDENTIAL_SOCKET, with the session's capability token on file
+// descriptor 3, and never sees a refresh token. It also manages the host's
+// store.
 //
-//	credproxy run --allow-provider anthropic -- bwrap ... -- agent
-//	credproxy serve
+//	credproxy run -allow-provider anthropic -- bwrap ... -- agent
+//	credproxy serve -allow-provider anthropic
 //	credproxy token set anthropic < token.json
 //	credproxy token get anthropic            # on the host or in the sandbox
 //	credproxy key set openai < key.txt
@@ -30,16 +32,19 @@ import (
 const usage = `credproxy hands credentials to a sandboxed program, without the refresh tokens.
 
 Usage:
-  credproxy run [flags] -- CMD [ARGS...]   run CMD with a credential proxy beside it
-  credproxy serve [flags]                  serve the proxy until SIGINT or SIGTERM
+  credproxy run [flags] -- CMD [ARGS...]   run CMD with a credential proxy session beside it
+  credproxy serve [flags]                  serve one session until SIGINT or SIGTERM
   credproxy token get|set|rm|ls [ARGS]     manage OAuth tokens
   credproxy key get|set|rm|ls [ARGS]       manage API keys
   credproxy version                        print the version
 
 Run 'credproxy COMMAND -help' for a command's flags and a worked example.
+A session's sandbox may read what -allow-provider, -allow-bucket and -allow-key
+name, and nothing else, and may change nothing unless -allow-write is given.
 The store is the host's keyring store (see CREDPROXY_KEYRING_BACKEND and
 CREDPROXY_KEYRING_PASSWORD); with LLXPRT_CREDENTIAL_SOCKET set, token and key
-commands go through the proxy instead.
+commands go through the proxy instead, presenting the capability token found
+on file descriptor 3 (LLXPRT_CAPABILITY_FD=3).
 `
 
 // Exit codes besides the command's own: 1 for an error, 2 for a usage

@@ -16,8 +16,9 @@ import (
 )
 
 // The tests run the real binary, built once, static, so that it also runs
-// inside sandboxes and a from-scratch container image.
-var binary string
+// inside sandboxes and a from-scratch container image; and inner, the
+// example of a sandboxed process, built the same way.
+var binary, inner string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "credproxy-bin")
@@ -26,12 +27,18 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binary = filepath.Join(dir, "credproxy")
-	build := exec.Command("go", "build", "-o", binary, ".")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
-		os.Exit(1)
+	inner = filepath.Join(dir, "inner")
+	for out, pkg := range map[string]string{binary: ".", inner: "../../examples/inner"} {
+		build := exec.Command("go", "build", "-o", out, pkg)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if msg, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "go build %s: %v\n%s", pkg, err, msg)
+			os.Exit(1)
+		}
 	}
+	// Both must be usable by a process of another uid (some tests run
+	// them as uid 65534).
+	os.Chmod(dir, 0o755)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -75,8 +82,30 @@ type result struct {
 // credproxyCmd runs the binary with env and stdin, and waits for it.
 func credproxyCmd(t *testing.T, env []string, stdin string, args ...string) result {
 	t.Helper()
-	cmd := exec.Command(binary, args...)
+	return runBinary(t, binary, env, stdin, nil, args...)
+}
+
+// credproxyCmdFD3 is credproxyCmd with fd3 on the binary's descriptor 3,
+// through a pipe, as a launcher hands over a capability token.
+func credproxyCmdFD3(t *testing.T, env []string, fd3 string, args ...string) result {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.WriteString(fd3)
+	w.Close()
+	defer r.Close()
+	return runBinary(t, binary, env, "", []*os.File{r}, args...)
+}
+
+// runBinary runs bin with env, stdin and extra descriptors from 3 on, and
+// waits for it.
+func runBinary(t *testing.T, bin string, env []string, stdin string, extra []*os.File, args ...string) result {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
 	cmd.Env = env
+	cmd.ExtraFiles = extra
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -175,40 +204,63 @@ func TestRunForwardsSIGTERMAndRemovesTheSocket(t *testing.T) {
 	}
 }
 
-// A proxy that cannot start (its socket directory belongs to someone
-// else) means the command never starts, and run says why and exits 125.
+// A proxy that cannot start (its session directory belongs to someone
+// else, or sits in a directory someone else owns) means the command never
+// starts, and run says why and exits 125.
 func TestRunDoesNotStartTheCommandWithoutAProxy(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to give the directory to another user")
 	}
-	dir := filepath.Join(t.TempDir(), "sockets")
-	os.Mkdir(dir, 0o700)
-	if err := os.Chown(dir, 65534, 65534); err != nil {
+	theirs := filepath.Join(t.TempDir(), "sockets")
+	os.Mkdir(theirs, 0o700)
+	if err := os.Chown(theirs, 65534, 65534); err != nil {
 		t.Fatal(err)
 	}
-	marker := filepath.Join(t.TempDir(), "started")
-	r := credproxyCmd(t, hostEnv(t), "", "run", "-store", "memory", "-socket-dir", dir, "--", "touch", marker)
-	r.want(t, 125, "")
-	if !strings.Contains(r.stderr, "owned by uid 65534") || !strings.Contains(r.stderr, "command was not started") {
-		t.Errorf("stderr %q", r.stderr)
+	for _, tc := range []struct{ dir, want string }{
+		{theirs, "owned by uid 65534"},
+		{filepath.Join(theirs, "session"), "inside " + theirs + ", which is owned by uid 65534"},
+	} {
+		marker := filepath.Join(t.TempDir(), "started")
+		r := credproxyCmd(t, hostEnv(t), "", "run", "-store", "memory", "-session-dir", tc.dir, "--", "touch", marker)
+		r.want(t, 125, "")
+		if !strings.Contains(r.stderr, tc.want) || !strings.Contains(r.stderr, "command was not started") {
+			t.Errorf("-session-dir %s: stderr %q", tc.dir, r.stderr)
+		}
+		if _, err := os.Stat(marker); !os.IsNotExist(err) {
+			t.Error("the command ran")
+		}
 	}
-	if _, err := os.Stat(marker); !os.IsNotExist(err) {
-		t.Error("the command ran")
+	r := credproxyCmd(t, hostEnv(t), "", "run", "-store", "memory", "-socket-dir", theirs, "--", "true")
+	if r.code != 2 || !strings.Contains(r.stderr, "-socket-dir is gone") || !strings.Contains(r.stderr, "-session-dir") {
+		t.Errorf("the old -socket-dir flag: %+v", r)
 	}
 }
 
-// serve prints the socket as its first line and serves until SIGTERM,
-// then removes the socket and exits 0.
+// serve prints the socket and the capability token as its first two
+// lines and serves until SIGTERM, then removes the socket and exits 0. A
+// client given the token on descriptor 3 is served; one without it is not.
 func TestServePrintsTheSocketAndStopsOnSIGTERM(t *testing.T) {
 	creds := writeCreds(t)
-	cmd, lines := startCredproxy(t, "serve", "-store", "memory", "-import", creds)
+	cmd, lines := startCredproxy(t, "serve", "-store", "memory", "-import", creds, "-allow-provider", "anthropic")
 	socket, ok := strings.CutPrefix(lines.Text(), credproxy.SocketEnv+"=")
 	if !ok {
 		t.Fatalf("first line %q", lines.Text())
 	}
+	if !lines.Scan() {
+		t.Fatal("no second line")
+	}
+	token, ok := strings.CutPrefix(lines.Text(), "LLXPRT_CAPABILITY_TOKEN=")
+	if !ok || len(token) != 64 {
+		t.Fatalf("second line %q", lines.Text())
+	}
 	env := append(hostEnv(t), credproxy.SocketEnv+"="+socket)
-	credproxyCmd(t, env, "", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
-	r := credproxyCmd(t, env, fakeKey, "key", "set", "openai")
+	r := credproxyCmd(t, env, "", "token", "get", "anthropic")
+	if r.code != 1 || !strings.Contains(r.stderr, "invalid or missing capability token") {
+		t.Errorf("token get without the capability token: %+v", r)
+	}
+	withToken := append(env, credproxy.CapabilityFDEnv+"=3")
+	credproxyCmdFD3(t, withToken, token+"\n", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
+	r = credproxyCmdFD3(t, withToken, token+"\n", "key", "set", "openai")
 	if r.code != 1 || !strings.Contains(r.stderr, "manage keys on the host") {
 		t.Errorf("key set through the proxy: %+v", r)
 	}
@@ -267,21 +319,25 @@ func needTool(t *testing.T, tool, pkg string) {
 }
 
 // bwrapArgs is a bubblewrap sandbox with nothing of the host but /usr
-// (read-only), the socket directory and the credproxy binary: its own
-// user, network, pid, ipc and uts namespaces, a fresh /proc, /dev and /tmp.
-func bwrapArgs(socketDir string, extra ...string) []string {
+// (read-only), the session directory (read-only: enough to connect) and
+// the credproxy and inner binaries: its own user, network, pid, ipc and
+// uts namespaces, a fresh /proc, /dev and /tmp. Descriptor 3, the
+// capability token, passes through bwrap as any inherited descriptor does.
+func bwrapArgs(sessionDir string, extra ...string) []string {
 	args := []string{"--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
 		"--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
 		"--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-		"--bind", socketDir, socketDir, "--ro-bind", binary, "/credproxy"}
+		"--ro-bind", sessionDir, sessionDir, "--ro-bind", binary, "/credproxy", "--ro-bind", inner, "/inner"}
 	return append(args, extra...)
 }
 
 // End to end in bubblewrap: the token comes from the host's keyring store
-// through the socket, without its refresh token; the sandbox cannot see
-// the store's files, has no network but loopback, and does not get the
-// store password. The proxy sees the sandbox as the host uid that started
-// bwrap, whatever uid it has inside its user namespace.
+// through the session's socket, without its refresh token; the sandbox
+// cannot see the store's files, has no network but loopback, and does not
+// get the store password. Descriptor 3 reaches it through bwrap, so each
+// credproxy command in it presents the capability token (S4). The proxy
+// sees the sandbox as the host uid that started bwrap, whatever uid it has
+// inside its user namespace.
 func TestRunInBubblewrap(t *testing.T) {
 	needTool(t, "bwrap", "bubblewrap")
 	env := hostEnv(t)
@@ -291,7 +347,7 @@ func TestRunInBubblewrap(t *testing.T) {
 	if _, err := os.Stat(storeDir); err != nil {
 		t.Fatalf("host store: %v", err)
 	}
-	socketDir := filepath.Join(t.TempDir(), "sockets")
+	sessionDir := filepath.Join(t.TempDir(), "session")
 
 	script := `/credproxy token get anthropic; /credproxy key get -raw openai
 		echo "uid inside: $(id -u 2>/dev/null || echo ?)"
@@ -299,11 +355,14 @@ func TestRunInBubblewrap(t *testing.T) {
 		test -e ` + storeDir + ` && echo STORE-VISIBLE
 		echo "password: [$CREDPROXY_KEYRING_PASSWORD]"`
 	start := time.Now()
-	r := credproxyCmd(t, env, "", append([]string{"run", "-v", "-socket-dir", socketDir, "-allow-provider", "anthropic", "--", "bwrap"},
-		bwrapArgs(socketDir, "--uid", "1000", "--", "/bin/sh", "-c", script)...)...)
+	r := credproxyCmd(t, env, "", append([]string{"run", "-v", "-session-dir", sessionDir, "-allow-provider", "anthropic", "-allow-key", "openai", "--", "bwrap"},
+		bwrapArgs(sessionDir, "--uid", "1000", "--", "/bin/sh", "-c", script)...)...)
 	t.Logf("bubblewrap run: %v", time.Since(start))
 	want := sanitised + "\n" + fakeKey + "\nuid inside: 1000\ninterfaces: lo \npassword: []\n"
 	r.want(t, 0, want)
+	if _, err := os.Stat(sessionDir); !os.IsNotExist(err) {
+		t.Errorf("the session directory is left after the run: %v", err)
+	}
 	if !strings.Contains(r.stderr, fmt.Sprintf("uid=%d", os.Geteuid())) {
 		t.Errorf("the audit log does not show the host uid %d for the sandbox:\n%s", os.Geteuid(), r.stderr)
 	}
@@ -313,10 +372,13 @@ func TestRunInBubblewrap(t *testing.T) {
 }
 
 // End to end in rootful Podman: a container made with podman import from
-// the static binary alone, with the socket directory bind-mounted, gets
-// the token. Its root is the host's root, so it passes the peer check as
-// the same uid; a container user of another uid (65534, allowed to open
-// the socket file) is refused until -allow-uid names it.
+// the static binaries alone, with the session directory mounted read-only
+// and descriptor 3 passed on (--preserve-fds 1), gets the token. Its root
+// is the host's root, so it passes the peer check as the same uid; a
+// container user of another uid (65534, allowed to open the socket file)
+// is refused until -allow-uid names it. The client in the container, a
+// uid that is not the server's, accepts the server because it runs as
+// root (S2).
 func TestRunInPodman(t *testing.T) {
 	needTool(t, "podman", "podman runc")
 	if os.Geteuid() != 0 {
@@ -325,34 +387,41 @@ func TestRunInPodman(t *testing.T) {
 	image := importImage(t)
 	env := hostEnv(t)
 	creds := writeCreds(t)
-	socketDir := filepath.Join(t.TempDir(), "sockets")
+	sessionDir := filepath.Join(t.TempDir(), "session")
 	podman := func(extra ...string) []string {
-		args := []string{"podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run", "--rm", "--network", "none",
-			"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
-			"-v", socketDir + ":" + socketDir, "--env", credproxy.SocketEnv}
-		return append(append(args, extra...), image, "/credproxy", "token", "get", "anthropic")
+		return append(append(podmanRun(sessionDir), extra...), image, "/credproxy", "token", "get", "anthropic")
 	}
+	run := []string{"run", "-store", "memory", "-import", creds, "-session-dir", sessionDir, "-allow-provider", "anthropic"}
 	start := time.Now()
-	r := credproxyCmd(t, env, "", append([]string{"run", "-store", "memory", "-import", creds, "-socket-dir", socketDir, "--"}, podman()...)...)
+	r := credproxyCmd(t, env, "", append(append(run, "--"), podman()...)...)
 	t.Logf("podman run: %v", time.Since(start))
 	r.want(t, 0, sanitised+"\n")
 
 	other := []string{"--user", "65534", "--cap-add", "DAC_OVERRIDE"}
-	r = credproxyCmd(t, env, "", append([]string{"run", "-store", "memory", "-import", creds, "-socket-dir", socketDir, "--"}, podman(other...)...)...)
-	if r.code == 0 || r.stdout != "" {
+	r = credproxyCmd(t, env, "", append(append(run, "--"), podman(other...)...)...)
+	if r.code == 0 || r.stdout != "" || !strings.Contains(r.stderr, "peer uid not allowed") {
 		t.Errorf("container user 65534 without -allow-uid: %+v", r)
 	}
-	r = credproxyCmd(t, env, "", append([]string{"run", "-store", "memory", "-import", creds, "-socket-dir", socketDir,
-		"-allow-uid", "65534", "--"}, podman(other...)...)...)
+	r = credproxyCmd(t, env, "", append(append(run, "-allow-uid", "65534", "--"), podman(other...)...)...)
 	r.want(t, 0, sanitised+"\n")
 }
 
-// importImage makes a container image holding only the static binary.
+// podmanRun is the start of a rootful podman run of a container with no
+// network, the session directory mounted read-only, descriptor 3 passed
+// on and the two variables of the handoff set from the environment.
+func podmanRun(sessionDir string) []string {
+	return []string{"podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run", "--rm", "--network", "none",
+		"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--preserve-fds", "1",
+		"-v", sessionDir + ":" + sessionDir + ":ro", "--env", credproxy.SocketEnv, "--env", credproxy.CapabilityFDEnv}
+}
+
+// importImage makes a container image holding only the static binaries,
+// credproxy and inner.
 func importImage(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	tarball := filepath.Join(dir, "image.tar")
-	if out, err := exec.Command("tar", "-C", filepath.Dir(binary), "-cf", tarball, "credproxy").CombinedOutput(); err != nil {
+	if out, err := exec.Command("tar", "-C", filepath.Dir(binary), "-cf", tarball, "credproxy", "inner").CombinedOutput(); err != nil {
 		t.Fatalf("tar: %v\n%s", err, out)
 	}
 	const image = "localhost/credproxy-test:latest"

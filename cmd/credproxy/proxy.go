@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,19 +20,19 @@ import (
 
 // proxyFlags are the flags run and serve share.
 type proxyFlags struct {
-	allow          credproxy.AllowList
-	allowUIDs      []int
-	store          string
-	importFile     string
-	socketDir      string
-	printSocketDir bool
-	verbose        bool
+	grant      credproxy.Grant
+	allowUIDs  []int
+	store      string
+	importFile string
+	sessionDir string
+	verbose    bool
 }
 
 func (p *proxyFlags) register(fs *flag.FlagSet) {
-	fs.Func("allow-provider", "allow this `provider` (repeatable; none given: all)", appendTo(&p.allow.Providers))
-	fs.Func("allow-bucket", "allow this `bucket` (repeatable; none given: all)", appendTo(&p.allow.Buckets))
-	fs.Func("allow-key", "allow this API key `name` (repeatable; none given: all)", appendTo(&p.allow.Keys))
+	fs.Func("allow-provider", "let the sandbox use this `provider`'s tokens (repeatable; '*' for every provider; none given: no tokens)", appendTo(&p.grant.Providers))
+	fs.Func("allow-bucket", "of those providers, this `bucket` (repeatable; '*' for every bucket; none given: the default bucket only)", appendTo(&p.grant.Buckets))
+	fs.Func("allow-key", "let the sandbox read this API key `name` (repeatable; '*' for every key; none given: no keys)", appendTo(&p.grant.Keys))
+	fs.BoolVar(&p.grant.Write, "allow-write", false, "let the sandbox save and remove the tokens it may use, and create up to 16 new ones (default: read-only)")
 	fs.Func("allow-uid", "also accept peers running as this host `uid` (repeatable; e.g. a container's user)", func(v string) error {
 		uid, err := strconv.Atoi(v)
 		if err != nil || uid < 0 {
@@ -42,29 +43,37 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 	})
 	fs.StringVar(&p.store, "store", "keyring", "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND) or memory")
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
-	fs.StringVar(&p.socketDir, "socket-dir", "", "`directory` for the socket, created 0700 if needed (default: the per-user directory in the temp dir)")
-	fs.BoolVar(&p.printSocketDir, "print-socket-dir", false, "print the socket directory, the one to bind-mount into a sandbox, and exit")
-	fs.BoolVar(&p.verbose, "v", false, "log every request (the audit log) on stderr")
+	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist or be empty (default: a new directory in the per-user directory in the temp dir)")
+	fs.BoolVar(&p.verbose, "v", false, "log every request (the audit log) on stderr, besides the refusals logged always")
+}
+
+// parseProxyFlags parses args, and explains the flags that are gone
+// rather than calling them unknown.
+func parseProxyFlags(fs *flag.FlagSet, args []string) error {
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if strings.HasPrefix(a, "-") && (name == "socket-dir" || name == "print-socket-dir") {
+			return usageError("-%s is gone: a directory of sockets must not be mounted into a sandbox, since the sandbox would reach every proxy in it. Each run now has a session directory of its own: choose it with -session-dir DIR, or find it as the directory of $%s, and mount it read-only", name, credproxy.SocketEnv)
+		}
+	}
+	return fs.Parse(args)
 }
 
 func appendTo(list *[]string) func(string) error {
 	return func(v string) error { *list = append(*list, v); return nil }
 }
 
-// socketDirectory is the directory the socket goes in.
-func (p *proxyFlags) socketDirectory() (string, error) {
-	if p.socketDir != "" {
-		return p.socketDir, nil
-	}
-	return credproxy.DefaultSocketDir()
-}
-
-// start opens the store, listens and serves. The returned stop shuts the
-// server down gracefully (5 s) and removes the socket.
-func (p *proxyFlags) start(ctx context.Context, std stdio) (path string, stop func() error, err error) {
+// start opens the store and starts a server with one session, under the
+// grant the flags give, and logs the grant on stderr. The returned stop
+// closes the session (revoking its token) and shuts the server down
+// gracefully (5 s).
+func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Session, stop func() error, err error) {
 	store, err := p.openStore(ctx)
 	if err != nil {
-		return "", nil, err
+		return nil, nil, err
 	}
 	level := slog.LevelInfo
 	if p.verbose {
@@ -72,32 +81,30 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (path string, stop fu
 	}
 	srv, err := credproxy.NewServer(credproxy.Options{
 		Store:       store,
-		Policy:      &p.allow,
 		AllowedUIDs: p.allowUIDs,
 		Logger:      slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level})),
 	})
 	if err != nil {
 		store.Close()
-		return "", nil, err
+		return nil, nil, err
 	}
-	ln, err := credproxy.Listen(p.socketDir)
+	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
 	if err != nil {
+		srv.Close()
 		store.Close()
-		return "", nil, err
+		return nil, nil, err
 	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
 	stop = func() error {
+		err := sess.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		err := srv.Shutdown(ctx)
-		if serr := <-served; !errors.Is(serr, credproxy.ErrServerClosed) && err == nil {
+		if serr := srv.Shutdown(ctx); err == nil {
 			err = serr
 		}
 		store.Close()
 		return err
 	}
-	return ln.Addr().String(), stop, nil
+	return sess, stop, nil
 }
 
 func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, error) {
@@ -130,45 +137,69 @@ func (memoryStore) Close() error { return nil }
 
 const runSynopsis = `Usage: credproxy run [flags] -- CMD [ARGS...]
 
-Starts a credential proxy, runs CMD with LLXPRT_CREDENTIAL_SOCKET set to its
-socket, forwards SIGINT, SIGTERM and SIGHUP to CMD, and when CMD exits shuts
-the proxy down (5 s at most), removes the socket and exits with CMD's status.
-If the proxy cannot start, CMD is not started and run exits 125.
-CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment.`
+Starts a credential proxy session for one sandbox and runs CMD with
+LLXPRT_CREDENTIAL_SOCKET set to the session's socket, and the session's
+capability token on file descriptor 3 (LLXPRT_CAPABILITY_FD=3). The socket is
+alone in the session's directory: mount that directory into the sandbox,
+read-only. The sandbox may read what the -allow flags name and nothing else,
+and may change nothing unless -allow-write is given; the grant is logged on
+stderr when the session starts, and every refused request is logged there too.
 
-const runExample = `  # A bubblewrap sandbox that sees the socket and nothing of the host's store:
-  credproxy run -socket-dir /tmp/cp-sandbox -allow-provider anthropic -- \
+run forwards SIGINT, SIGTERM and SIGHUP to CMD, and when CMD exits closes the
+session (its socket, directory and token stop working), shuts the proxy down
+(5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
+not started and run exits 125. CREDPROXY_KEYRING_PASSWORD is removed from CMD's
+environment, and run makes itself non-dumpable so that CMD cannot read it from
+/proc either.`
+
+const runExample = `  # A bubblewrap sandbox that sees the session's socket and nothing of the host's store:
+  credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
     bwrap --unshare-all --die-with-parent --ro-bind /usr /usr --symlink usr/lib /lib \
       --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev \
-      --bind /tmp/cp-sandbox /tmp/cp-sandbox --ro-bind "$(command -v credproxy)" /credproxy \
-      -- /credproxy token get anthropic`
+      --ro-bind /tmp/cp-sandbox /tmp/cp-sandbox --ro-bind "$(command -v credproxy)" /credproxy \
+      -- /credproxy token get anthropic
+  # Podman: pass descriptor 3 and the two variables on, mount the directory read-only:
+  credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
+    podman run --rm --preserve-fds 1 --env LLXPRT_CREDENTIAL_SOCKET --env LLXPRT_CAPABILITY_FD \
+      -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE credproxy token get anthropic`
 
 func runCommand(ctx context.Context, args []string, std stdio) int {
 	fs := newFlags("run", runSynopsis, runExample, std)
 	var p proxyFlags
 	p.register(fs)
-	if err := fs.Parse(args); err != nil {
+	if err := parseProxyFlags(fs, args); err != nil {
 		return report(err, std)
-	}
-	if p.printSocketDir {
-		return printSocketDir(&p, std)
 	}
 	if fs.NArg() == 0 {
 		return report(usageError("run needs a command: credproxy run [flags] -- CMD [ARGS...]"), std)
 	}
-	path, stop, err := p.start(ctx, std)
+	if err := protectProcess(); err != nil {
+		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", err)
+		return exitNoProxy
+	}
+	sess, stop, err := p.start(ctx, std)
 	if err != nil {
+		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", strings.TrimPrefix(err.Error(), "credproxy: "))
+		return exitNoProxy
+	}
+	handoff, err := sess.HandoffFile()
+	if err != nil {
+		stop()
 		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", strings.TrimPrefix(err.Error(), "credproxy: "))
 		return exitNoProxy
 	}
 
 	cmd := exec.Command(fs.Arg(0), fs.Args()[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = std.in, std.out, std.err
-	cmd.Env = append(withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv), credproxy.SocketEnv+"="+path)
+	cmd.ExtraFiles = []*os.File{handoff} // descriptor 3
+	cmd.Env = append(withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv),
+		sess.Environ()...)
 	signals := make(chan os.Signal, 4)
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(signals)
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	handoff.Close()
+	if err != nil {
 		stop()
 		fmt.Fprintln(std.err, "credproxy:", err)
 		return exitNoProxy
@@ -203,58 +234,60 @@ func exitStatus(cmd *exec.Cmd, err error, std stdio) int {
 	return cmd.ProcessState.ExitCode()
 }
 
-// withoutEnv returns env without the variable called name.
-func withoutEnv(env []string, name string) []string {
+// withoutEnv returns env without the variables called names.
+func withoutEnv(env []string, names ...string) []string {
 	kept := env[:0:0]
 	for _, kv := range env {
-		if !strings.HasPrefix(kv, name+"=") {
+		name, _, _ := strings.Cut(kv, "=")
+		if !slices.Contains(names, name) {
 			kept = append(kept, kv)
 		}
 	}
 	return kept
 }
 
-func printSocketDir(p *proxyFlags, std stdio) int {
-	dir, err := p.socketDirectory()
-	if err != nil {
-		return report(err, std)
-	}
-	fmt.Fprintln(std.out, dir)
-	return 0
-}
-
 const serveSynopsis = `Usage: credproxy serve [flags]
 
-Serves a credential proxy until SIGINT or SIGTERM, then shuts down gracefully
-and removes the socket. The first line on stdout is
-LLXPRT_CREDENTIAL_SOCKET=<path>; logs go to stderr.`
+Serves one credential proxy session until SIGINT or SIGTERM, then closes it,
+shuts down gracefully and removes the socket. Stdout gets two lines:
+LLXPRT_CREDENTIAL_SOCKET=<path> and LLXPRT_CAPABILITY_TOKEN=<token>. Hand the
+token to the sandboxed program on its file descriptor 3 (with
+LLXPRT_CAPABILITY_FD=3), never in its environment or arguments, and mount the
+socket's directory, read-only. Logs go to stderr. serve makes itself
+non-dumpable, as run does.`
 
-const serveExample = `  credproxy serve -allow-provider anthropic &
-  # pass the printed LLXPRT_CREDENTIAL_SOCKET=... to the sandbox, and bind-mount its directory`
+const serveExample = `  coproc CP { credproxy serve -allow-provider anthropic; }
+  read -r sock <&"${CP[0]}"; read -r tok <&"${CP[0]}"
+  sock=${sock#*=}
+  bwrap ... --ro-bind "$(dirname "$sock")" "$(dirname "$sock")" \
+    --setenv LLXPRT_CREDENTIAL_SOCKET "$sock" --setenv LLXPRT_CAPABILITY_FD 3 \
+    -- agent 3<<<"${tok#*=}"`
 
 func serveCommand(ctx context.Context, args []string, std stdio) error {
 	fs := newFlags("serve", serveSynopsis, serveExample, std)
 	var p proxyFlags
 	p.register(fs)
-	if err := fs.Parse(args); err != nil {
+	if err := parseProxyFlags(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return usageError("serve takes no arguments; did you mean 'credproxy run -- %s'?", strings.Join(fs.Args(), " "))
 	}
-	if p.printSocketDir {
-		if code := printSocketDir(&p, std); code != 0 {
-			return errors.New("cannot find the socket directory")
-		}
-		return nil
+	if err := protectProcess(); err != nil {
+		return err
 	}
 	ctx, cancel := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer cancel()
-	path, stop, err := p.start(ctx, std)
+	sess, stop, err := p.start(ctx, std)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(std.out, "%s=%s\n", credproxy.SocketEnv, path)
+	fmt.Fprintf(std.out, "%s=%s\n%s=%s\n", credproxy.SocketEnv, sess.SocketPath(), capabilityTokenLine, string(sess.CapabilityToken()))
 	<-ctx.Done()
 	return stop()
 }
+
+// capabilityTokenLine names the token in serve's output, as the reference
+// implementation's launcher names it. Clients do not read it from their
+// environment: it goes to them on descriptor 3.
+const capabilityTokenLine = "LLXPRT_CAPABILITY_TOKEN"
