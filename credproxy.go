@@ -1,16 +1,18 @@
 // Package credproxy lets a host program hand credentials to a sandboxed
 // process without handing over its refresh tokens.
 //
-// The host keeps OAuth tokens and API keys in a [Store], runs a [Server] on a
-// Unix domain socket, bind-mounts the socket into the sandbox and passes its
-// path in the environment variable named by [SocketEnv]. The sandboxed process
-// uses a [Client] to read access tokens and API keys. Refresh tokens never
-// cross the socket: the server strips them from every token it sends and
-// ignores those it receives.
-//
-// To start, call [NewServer] with a store, [Listen] for a private socket and
-// [Server.Serve] it; inside the sandbox call [NewClientFromEnv]. The examples
-// (ExampleNewServer, examples/quickstart) are the quickest way in.
+// The host keeps OAuth tokens and API keys in a [Store] and runs a
+// [Server]. For each sandbox it launches, it starts a [Session]
+// ([Server.NewSession]): a Unix socket alone in a directory of its own,
+// a capability token, and a [Grant] of what the sandbox may read. The
+// launcher mounts the session's directory into the sandbox, passes the
+// socket's path in the environment variable named by [SocketEnv] and the
+// token on file descriptor 3 ([Session.HandoffFile]), and closes the
+// session when the sandbox exits. The sandboxed process calls
+// [NewClientFromEnv] and reads access tokens and API keys. Refresh tokens
+// never cross the socket: the server strips them from every token it sends
+// and ignores those it receives. The examples (ExampleServer_NewSession,
+// examples/quickstart) are the quickest way in.
 //
 // Hosts keep real credentials in a [KeyringStore] ([OpenKeyringStore]): the
 // OS keyring, or by default an encrypted file store that works on any
@@ -24,22 +26,33 @@
 //
 // # Security
 //
-// Each request passes these checks, in order, before any store is touched:
-// the peer's uid (read from the kernel when the connection is accepted), the
-// protocol handshake, a per-connection rate limit, the request schema (exact
-// member names, no duplicate members, valid names), and the [Policy].
-// Error messages sent to the peer are fixed texts; store errors and payload
-// values never cross the socket. Secret-carrying types ([Token], [Secret])
-// print and log as a redaction marker.
+// A sandbox is the unit of trust; PROTOCOL.md, "Sessions", has the rules.
+// A session's socket is the only one its sandbox can see, and only a
+// connection that presents the session's capability token is served. Each
+// request then passes, in order: the peer's uid (read from the kernel when
+// the connection is accepted), a rate limit per connection and per
+// session, the request schema (exact member names, no duplicate members,
+// valid names), and the session's [Policy]: a [Grant] is read-only unless
+// it says otherwise and grants nothing it does not name. Only then is the
+// store called, with a deadline. A sandbox that may write creates a
+// bounded number of tokens. Closing the session revokes all of it. Every
+// refusal is logged on the host with the session and the peer. Error
+// messages sent to the peer are fixed texts; store errors and payload
+// values never cross the socket. Secret-carrying types ([Token], [Secret],
+// [Session], [Client]) print and log without their secrets.
 //
-// The defence rests on the socket: a private 0700 directory, a 0600 socket
-// with an unguessable name, and the peer-uid check on Linux and macOS. On
-// other platforms the peer cannot be identified and the file modes are the
-// only gate. A VM bridge (Docker Desktop, Podman machine on macOS) makes every
-// peer look like the bridge process, so the uid check there only proves that
-// the bridge runs as the host user. A process running as the host's own uid
-// outside the sandbox can always read the host's credentials by other means;
-// credproxy does not defend against it.
+// Socket and store directories must be private, and every directory above
+// them must be owned by root or the host user and not be writable by
+// others unless it is sticky, or the server refuses them. A client checks that the
+// server runs as its own uid or root before it presents the token. On
+// platforms other than Linux and macOS neither side can identify the
+// other, and the file modes are the gate. A VM bridge (Docker Desktop,
+// Podman machine on macOS) makes every peer look like the bridge process,
+// so the uid check there only proves that the bridge runs as the host
+// user. A process running as the host's own uid outside the sandbox can
+// always read the host's credentials by other means; credproxy does not
+// defend against it. [Server.Serve] serves a listener without sessions:
+// for embedders whose clients are trusted.
 package credproxy
 
 import (

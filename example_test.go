@@ -197,3 +197,70 @@ func ExampleOAuth2Refresher() {
 	// sandbox: true true
 	// host keeps the rotated refresh token: true
 }
+
+// A launcher starts a session per sandbox: a socket alone in its own
+// directory, a capability token, and a read-only Grant. The sandboxed
+// process presents the token (NewClientFromEnv reads it from descriptor
+// 3; here it is passed directly), and reads what the grant names; closing
+// the session when the sandbox exits revokes it all.
+func ExampleServer_NewSession() {
+	ctx := context.Background()
+	store := credproxy.NewMemoryStore()
+	tok, _ := credproxy.ParseToken([]byte(`{"access_token":"at-example","refresh_token":"rt-example"}`))
+	store.SaveToken(ctx, "anthropic", "", tok)
+	store.SaveAPIKey(ctx, "openai", "sk-example")
+
+	srv, err := credproxy.NewServer(credproxy.Options{Store: store})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer srv.Shutdown(ctx)
+	sess, err := srv.NewSession(credproxy.SessionOptions{
+		Policy: &credproxy.Grant{Providers: []string{"anthropic"}}, // read-only, no API keys
+	})
+	if err != nil {
+		log.Fatal(err) // the directory is unsafe: do not start the sandbox
+	}
+	// Mount sess.Dir() into the sandbox (read-only), and give the command
+	// sess.Environ() and sess.HandoffFile() as its descriptor 3.
+
+	client := credproxy.NewClient(sess.SocketPath(), credproxy.ClientOptions{CapabilityToken: sess.CapabilityToken()})
+	defer client.Close()
+	got, _ := client.GetToken(ctx, "anthropic", "")
+	fmt.Printf("token: %s\n", got.Reveal())
+	_, err = client.GetAPIKey(ctx, "openai")
+	fmt.Println("key:", err)
+	err = client.SaveToken(ctx, "anthropic", "", tok)
+	fmt.Println("save:", err)
+
+	stranger := credproxy.NewClient(sess.SocketPath(), credproxy.ClientOptions{})
+	defer stranger.Close()
+	_, err = stranger.GetToken(ctx, "anthropic", "")
+	fmt.Println("without the token:", errors.Is(err, credproxy.ErrDenied))
+
+	sess.Close() // the sandbox exited
+	_, err = os.Stat(sess.Dir())
+	fmt.Println("directory removed:", os.IsNotExist(err))
+	// Output:
+	// token: {"access_token":"at-example"}
+	// key: credproxy: get_api_key: API key not allowed (UNAUTHORIZED)
+	// save: credproxy: save_token: sandbox connections cannot modify tokens (UNAUTHORIZED)
+	// without the token: true
+	// directory removed: true
+}
+
+// A Grant names what a sandbox may use, and nothing it does not name is
+// granted: "*" is the only way to say "all".
+func ExampleGrant() {
+	for _, g := range []*credproxy.Grant{
+		{Providers: []string{"anthropic"}},
+		{Providers: []string{"anthropic", "gemini"}, Buckets: []string{"work"}, Keys: []string{"openai"}},
+		{Providers: []string{credproxy.GrantAll}, Buckets: []string{credproxy.GrantAll}, Write: true},
+	} {
+		fmt.Println(g)
+	}
+	// Output:
+	// read-only; providers: anthropic; buckets: default; API keys: none
+	// read-only; providers: anthropic, gemini; buckets: work; API keys: openai
+	// read-write; providers: all; buckets: all; API keys: none
+}

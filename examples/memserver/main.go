@@ -60,9 +60,9 @@ func run() error {
 		secret     = flag.String("client-secret", "", "OAuth2 client `secret` for -token-url (visible in ps; for tests)")
 		allow      credproxy.AllowList
 	)
-	flag.Var((*names)(&allow.Providers), "allow-provider", "allow this `provider` (repeatable; none: all)")
-	flag.Var((*names)(&allow.Buckets), "allow-bucket", "allow this `bucket` (repeatable; none: all)")
-	flag.Var((*names)(&allow.Keys), "allow-key", "allow this API key `name` (repeatable; none: all)")
+	flag.Var((*names)(&allow.Providers), "allow-provider", "allow this `provider` (repeatable; none: all, or with -session nothing)")
+	flag.Var((*names)(&allow.Buckets), "allow-bucket", "allow this `bucket` (repeatable; none: all, or with -session the default bucket only)")
+	flag.Var((*names)(&allow.Keys), "allow-key", "allow this API key `name` (repeatable; none: all, or with -session nothing)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q; see -help", flag.Args())

@@ -518,6 +518,12 @@ const HANDSHAKE_OK = { v: 1, op: 'handshake', ok: true, data: { version: 1 } };
 const HANDSHAKE_BAD = {
   v: 1, op: 'handshake', ok: false, code: 'UNKNOWN_VERSION', error: 'unsupported protocol version',
 };
+// A session's server ("Handshake", "Sessions") requires the session's
+// capability token in the handshake's payload.
+const tokenHandshake = (token, payload = HANDSHAKE.payload, v = 1) => ({ v, op: 'handshake', payload: { ...payload, capabilityToken: token } });
+const HANDSHAKE_UNAUTH = {
+  v: 1, op: 'handshake', ok: false, code: 'UNAUTHORIZED', error: 'invalid or missing capability token',
+};
 
 // Assertions on responses --------------------------------------------------
 
@@ -565,21 +571,22 @@ async function inSync(c) {
 
 const servers = [];
 
-async function startServer(label, { fixture, args = [], socketDir = true, spawnOpts = {}, dir } = {}) {
+/** Spawns memserver with a tokens file made of fixture; does not wait. */
+function spawnServer(label, { fixture, args = [], socketDir = true, spawnOpts = {}, dir } = {}) {
   dir ??= fs.mkdtempSync(path.join(os.tmpdir(), 'credproxy-conformance-'));
   const tokensFile = path.join(dir, 'tokens.json');
   fs.writeFileSync(tokensFile, fixture, { mode: 0o644 });
   const argv = ['-tokens', tokensFile];
   let sockDir = null;
   if (socketDir) {
-    sockDir = path.join(dir, 'sock');
+    sockDir = typeof socketDir === 'string' ? socketDir : path.join(dir, 'sock');
     if (!fs.existsSync(sockDir)) fs.mkdirSync(sockDir, { mode: 0o700 });
     argv.push('-socket-dir', sockDir);
   }
   argv.push(...args);
   const { bin = BIN, ...rest } = spawnOpts;
   const child = spawn(bin, argv, { stdio: ['ignore', 'pipe', 'pipe'], ...rest });
-  const srv = { label, child, dir, sockDir, stdout: '', stderr: '', exit: null, argv };
+  const srv = { label, child, dir, sockDir, stdout: '', stderr: '', exit: null, argv, token: null };
   servers.push(srv);
   srv.exited = new Promise((resolve) => {
     child.on('exit', (code, signal) => {
@@ -591,17 +598,31 @@ async function startServer(label, { fixture, args = [], socketDir = true, spawnO
       resolve(srv.exit);
     });
   });
+  // 'close' comes after 'exit' once stdout and stderr have been read to the end.
+  srv.closed = new Promise((resolve) => child.on('close', resolve));
   child.stdout.on('data', (d) => (srv.stdout += d));
   child.stderr.on('data', (d) => (srv.stderr += d));
+  return srv;
+}
+
+/** Starts memserver and waits for its LLXPRT_CREDENTIAL_SOCKET line; with
+ *  -session (or withToken), also for its second line,
+ *  LLXPRT_CAPABILITY_TOKEN=<token>, kept as srv.token. */
+async function startServer(label, opts = {}) {
+  const withToken = opts.withToken ?? (opts.args ?? []).includes('-session');
+  const srv = spawnServer(label, opts);
   const deadline = Date.now() + 8000;
   for (;;) {
     const m = /^LLXPRT_CREDENTIAL_SOCKET=(.*)\n/m.exec(srv.stdout);
-    if (m) {
+    const t = /^LLXPRT_CAPABILITY_TOKEN=(.*)\n/m.exec(srv.stdout);
+    if (m && (!withToken || t)) {
       srv.socketPath = m[1];
+      if (t) srv.token = t[1];
       return srv;
     }
-    if (srv.exit) throw new Error(`${label}: server exited (${JSON.stringify(srv.exit)}) before listening; stderr: ${show(srv.stderr, 500)}`);
-    if (Date.now() > deadline) throw new Error(`${label}: no LLXPRT_CREDENTIAL_SOCKET line within 8 s; stderr: ${show(srv.stderr, 500)}`);
+    const want = withToken ? 'LLXPRT_CREDENTIAL_SOCKET and LLXPRT_CAPABILITY_TOKEN lines' : 'LLXPRT_CREDENTIAL_SOCKET line';
+    if (srv.exit) throw new Error(`${label}: server exited (${JSON.stringify(srv.exit)}) before printing its ${want}; stderr: ${show(srv.stderr, 500)}`);
+    if (Date.now() > deadline) throw new Error(`${label}: no ${want} within 8 s; stdout: ${show(srv.stdout, 200)}; stderr: ${show(srv.stderr, 500)}`);
     await sleep(20);
   }
 }
@@ -650,7 +671,7 @@ function skip(section, desc, reason) {
 async function session(srv, fn, { handshake = true, label = 'session' } = {}) {
   const c = await Conn.open(srv.socketPath, `${srv.label}/${label}`);
   try {
-    if (handshake) await c.handshake();
+    if (handshake) await c.handshake(srv.token ? tokenHandshake(srv.token) : HANDSHAKE);
     return await fn(c);
   } finally {
     c.close();
@@ -760,6 +781,7 @@ async function main() {
   await requestChecks(main);
   await operationChecks(main);
   await policyChecks(policy);
+  await sessionChecks(main);
   await rateLimitChecks(main, fast);
   await pipeliningChecks(fast);
   await connectionChecks();
@@ -1800,6 +1822,611 @@ async function policyChecks(pol) {
       });
     } finally {
       await stopServer(p2).catch(() => {});
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// "Sessions", with what "Roles and transport" and "Handshake" say of them.
+// memserver -session serves one session: it prints the socket line, then
+// LLXPRT_CAPABILITY_TOKEN=<token>; its -allow-* flags form the session's
+// read-only grant (no flag on an axis: nothing on it, but for buckets, where
+// none means the "default" bucket only; "*": every name). With -socket-dir
+// DIR, the session's directory is DIR/session.
+// ---------------------------------------------------------------------------
+
+const HEX64 = /^[0-9a-f]{64}$/;
+
+const sessTok = (s) => {
+  OTHER_SECRETS.add(`at-${s}`);
+  return `{"access_token":"at-${s}","refresh_token":"${RT(s)}"}`;
+};
+const SESSION_DEFAULT_TOKEN = `{"access_token":"at-sess-anthropic-default","refresh_token":"${RT('sess-anthropic-default')}","token_type":"Bearer","expiry":1893456000,"price":1.50,"big":12345678901234567890,"nested":{"note":"refresh_token","n":-0.0,"list":[1,{"k":null}]},"none":null}`;
+OTHER_SECRETS.add('at-sess-anthropic-default');
+const SESSION_KEYS = { anthropic: 'sk-sess-KEYVALUE-1', openai_key: 'sk-sess-KEYVALUE-2' };
+for (const v of Object.values(SESSION_KEYS)) OTHER_SECRETS.add(v);
+// gemini has a token in the "work" bucket only.
+const SESSION_FIXTURE = `{"tokens":{
+ "anthropic":{"default":${SESSION_DEFAULT_TOKEN},"work":${sessTok('sess-anthropic-work')},"personal":${sessTok('sess-anthropic-personal')}},
+ "openai":{"default":${sessTok('sess-openai-default')}},
+ "gemini":{"work":${sessTok('sess-gemini-work')}}
+},"keys":${JSON.stringify(SESSION_KEYS)}}`;
+
+/** Lists every file below dir (for "no socket was created"). */
+function filesBelow(dir) {
+  const out = [];
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) out.push(...filesBelow(p));
+    else out.push(p);
+  }
+  return out;
+}
+
+/** Waits for a server expected to refuse to start; kills it if it listens. */
+async function expectRefusedStart(srv) {
+  try {
+    await withTimeout(srv.closed, 6000, 'exit');
+  } catch {
+    await stopServer(srv).catch(() => {});
+    throw new CheckError(`${srv.label}: server did not exit; stdout ${show(srv.stdout)}; stderr ${show(srv.stderr)}`);
+  }
+  await srv.exited;
+  expect(srv.exit.code !== 0 && srv.exit.code !== null, `${srv.label}: exit ${JSON.stringify(srv.exit)}, expected a non-zero status`);
+  expect(!srv.stdout.includes('LLXPRT_'), `${srv.label}: printed ${JSON.stringify(srv.stdout)}`);
+}
+
+async function sessionChecks(main) {
+  const S = 'Sessions';
+  const H = 'Sessions/Handshake';
+  const TR = 'Sessions/Roles and transport';
+  const G = 'Sessions/Grant';
+  const F = 'Sessions/Fair share';
+  const V = 'Sessions/Revocation';
+
+  let ga, gb, gn, gd;
+  try {
+    // read-only grant of provider anthropic (so its "default" bucket only), no key
+    ga = await startServer('session-anthropic', { fixture: SESSION_FIXTURE, args: ['-session', '-allow-provider', 'anthropic'] });
+    // "*" on every axis, at the default path
+    gb = await startServer('session-all', { fixture: SESSION_FIXTURE, socketDir: false, args: ['-session', '-allow-provider', '*', '-allow-bucket', '*', '-allow-key', '*'] });
+    // nothing granted, at the default path
+    gn = await startServer('session-none', { fixture: SESSION_FIXTURE, socketDir: false, args: ['-session'] });
+    // every provider, no bucket named (so "default" only), no key
+    gd = await startServer('session-anyprov', { fixture: SESSION_FIXTURE, args: ['-session', '-allow-provider', '*'] });
+  } catch (e) {
+    await check(S, 'start four -session servers', () => {
+      throw e;
+    });
+    return;
+  }
+  const sessions = [ga, gb, gn, gd];
+  for (const s of sessions) OTHER_SECRETS.add(s.token);
+  const denied = (f, error, hides = []) => isFail(f, 'UNAUTHORIZED', { error, hides });
+  const RO = 'sandbox connections cannot modify tokens';
+
+  // --- memserver -session, "Roles and transport" ---------------------------
+
+  await check('memserver -session', 'stdout is exactly two lines, LLXPRT_CREDENTIAL_SOCKET=<path> then LLXPRT_CAPABILITY_TOKEN=<64 lowercase hex>; every session has a token of its own', async () => {
+    for (const s of sessions) {
+      expect(HEX64.test(s.token), `${s.label}: token ${JSON.stringify(s.token)} is not 64 lowercase hex characters`);
+      expect(s.stdout === `LLXPRT_CREDENTIAL_SOCKET=${s.socketPath}\nLLXPRT_CAPABILITY_TOKEN=${s.token}\n`, `${s.label}: stdout is ${JSON.stringify(s.stdout)}`);
+    }
+    expect(new Set(sessions.map((s) => s.token)).size === sessions.length, 'two sessions have the same capability token');
+  });
+
+  await check(TR, 'a session\'s socket path is absolute; the socket is alone in a directory of its own (mode 0700, the user\'s); the socket has mode 0600', async () => {
+    for (const s of sessions) {
+      expect(path.isAbsolute(s.socketPath), `${s.label}: ${s.socketPath} is not absolute`);
+      const dir = path.dirname(s.socketPath);
+      const st = fs.statSync(dir);
+      expect(st.isDirectory(), `${s.label}: ${dir} is not a directory`);
+      expect((st.mode & 0o777) === 0o700, `${s.label}: directory ${dir} has mode ${(st.mode & 0o777).toString(8)}`);
+      expect(st.uid === process.getuid(), `${s.label}: directory ${dir} belongs to uid ${st.uid}`);
+      const entries = fs.readdirSync(dir);
+      expect(entries.length === 1 && entries[0] === path.basename(s.socketPath), `${s.label}: directory ${dir} holds ${JSON.stringify(entries)}`);
+      const ss = fs.lstatSync(s.socketPath);
+      expect(ss.isSocket(), `${s.label}: ${s.socketPath} is not a socket`);
+      expect((ss.mode & 0o777) === 0o600, `${s.label}: socket mode ${(ss.mode & 0o777).toString(8)}`);
+    }
+    expect(new Set(sessions.map((s) => path.dirname(s.socketPath))).size === sessions.length, 'two sessions share a directory');
+  });
+
+  await check(TR, 'default session socket path is {realpath(tmp)}/llxprt-cred-{uid}/session-{8 hex}/llxprt-cred-{pid}-{8 hex}.sock; the per-user directory has mode 0700', async () => {
+    const tmp = fs.realpathSync(process.env.TMPDIR || '/tmp');
+    const uid = process.getuid();
+    for (const s of [gb, gn]) {
+      const re = new RegExp(`^${escapeRe(tmp)}/llxprt-cred-${uid}/session-[0-9a-f]{8}/llxprt-cred-${s.child.pid}-[0-9a-f]{8}\\.sock$`);
+      expect(re.test(s.socketPath), `${s.label}: path ${s.socketPath} does not match ${re}`);
+      const st = fs.statSync(path.dirname(path.dirname(s.socketPath)));
+      expect((st.mode & 0o777) === 0o700 && st.uid === uid, `${s.label}: per-user directory mode ${(st.mode & 0o777).toString(8)}, uid ${st.uid}`);
+    }
+  });
+
+  await check('memserver -socket-dir', 'with -session -socket-dir DIR, the session\'s directory is DIR/session', async () => {
+    for (const s of [ga, gd]) {
+      const dir = path.dirname(s.socketPath);
+      expect(dir === path.join(s.sockDir, 'session') || dir === path.join(fs.realpathSync(s.sockDir), 'session'), `${s.label}: socket ${s.socketPath} not in ${s.sockDir}/session`);
+    }
+  });
+
+  await check('Roles and transport', 'a host refuses to start when a directory above its socket is writable by others and not sticky (0777), and starts when it is sticky (1777); plain and -session', async () => {
+    const top = fs.mkdtempSync(path.join(os.tmpdir(), 'credproxy-conformance-open-'));
+    try {
+      const open = path.join(top, 'open');
+      fs.mkdirSync(open);
+      fs.chmodSync(open, 0o777);
+      const sock = path.join(open, 'sock');
+      fs.mkdirSync(sock, { mode: 0o700 });
+      for (const args of [[], ['-session', '-allow-provider', '*']]) {
+        const what = args.length ? 'session' : 'plain';
+        const srv = spawnServer(`open-dir-${what}`, { fixture: SMALL_FIXTURE, socketDir: sock, args, dir: top });
+        await expectRefusedStart(srv);
+        const files = filesBelow(sock);
+        expect(files.length === 0, `${what}: files left: ${JSON.stringify(files)}`);
+      }
+      fs.chmodSync(open, 0o1777);
+      for (const args of [[], ['-session', '-allow-provider', '*']]) {
+        const what = args.length ? 'session' : 'plain';
+        const srv = await startServer(`sticky-dir-${what}`, { fixture: SMALL_FIXTURE, socketDir: sock, args, dir: top });
+        try {
+          await session(srv, (c) => inSync(c));
+        } finally {
+          await stopServer(srv).catch(() => {});
+        }
+      }
+    } finally {
+      fs.rmSync(top, { recursive: true, force: true });
+    }
+  });
+
+  // --- "Handshake": the capability token ------------------------------------
+
+  const refusedToken = async (srv, msg, what) => {
+    await session(srv, async (c) => {
+      await c.send(msg);
+      const f = await c.next();
+      sameJSON(f.json, HANDSHAKE_UNAUTH, `${srv.label}: reply to ${what}`);
+      await c.expectClosedQuietly(3000);
+    }, { handshake: false, label: 'bad-token' });
+  };
+  const acceptedToken = async (srv, msg, what) => {
+    await session(srv, async (c) => {
+      await c.send(msg);
+      const f = await c.next();
+      sameJSON(f.json, HANDSHAKE_OK, `${srv.label}: reply to ${what}`);
+      await inSync(c);
+    }, { handshake: false, label: 'good-token' });
+  };
+  // A token of the right form that is not the session's.
+  const wrongToken = (t) => t.slice(0, 63) + (t[63] === '0' ? '1' : '0');
+
+  await check(H, 'a handshake without capabilityToken gets exactly {"v":1,"op":"handshake","ok":false,"code":"UNAUTHORIZED","error":"invalid or missing capability token"}, then the connection is closed with nothing more', async () => {
+    for (const srv of [ga, gb]) {
+      await refusedToken(srv, HANDSHAKE, 'the canonical handshake, no token');
+      await refusedToken(srv, { v: 1, op: 'handshake' }, 'a handshake without payload');
+      await refusedToken(srv, { v: 1, op: 'handshake', payload: null }, 'payload null');
+      await refusedToken(srv, { v: 1, op: 'handshake', payload: {} }, 'payload {}');
+    }
+  });
+
+  await check(H, 'a wrong token (64 lowercase hex) and another session\'s token get UNAUTHORIZED, then close', async () => {
+    await refusedToken(ga, tokenHandshake(wrongToken(ga.token)), 'a wrong token');
+    await refusedToken(ga, tokenHandshake('0'.repeat(64)), '64 zeros');
+    await refusedToken(ga, tokenHandshake(gb.token), 'the token of another session');
+    await refusedToken(ga, tokenHandshake(gn.token), 'the token of another session');
+    await refusedToken(gb, tokenHandshake(ga.token), 'the token of another session');
+  });
+
+  await check(H, 'a malformed token gets UNAUTHORIZED, then close: one character short, one long, upper-case hex, with a trailing newline or space, empty, a number, null, true, an array, an object', async () => {
+    const t = ga.token;
+    const cases = [
+      [t.slice(0, 63), 'the token less its last character'],
+      [t + '0', 'the token and one more character'],
+      [t.slice(1), 'the token less its first character'],
+      [t + '\n', 'the token and a newline'],
+      [` ${t}`, 'a space and the token'],
+      ['', 'an empty string'],
+      [42, 'the number 42'],
+      [null, 'null'],
+      [true, 'true'],
+      [[t], 'an array holding the token'],
+      [{ token: t }, 'an object holding the token'],
+    ];
+    if (t.toUpperCase() !== t) cases.push([t.toUpperCase(), 'the token in upper case']);
+    else notes.push('session token has no letter: upper-case case not tested');
+    if (/[a-f]/.test(t)) {
+      const k = t.search(/[a-f]/);
+      cases.push([t.slice(0, k) + t[k].toUpperCase() + t.slice(k + 1), 'the token with one letter in upper case']);
+    }
+    for (const [v, what] of cases) await refusedToken(ga, tokenHandshake(v), what);
+    // a 64-digit number is not a string
+    await refusedToken(ga, `{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1,"capabilityToken":${'1'.repeat(64)}}}`, 'a 64-digit number');
+  });
+
+  await check(H, 'the token anywhere but in payload.capabilityToken (envelope member, "CapabilityToken", "capability_token", "token") gets UNAUTHORIZED', async () => {
+    const t = ga.token;
+    await refusedToken(ga, { ...HANDSHAKE, capabilityToken: t }, 'the token as an envelope member');
+    for (const k of ['CapabilityToken', 'capabilitytoken', 'capability_token', 'token']) {
+      await refusedToken(ga, { v: 1, op: 'handshake', payload: { minVersion: 1, maxVersion: 1, [k]: t } }, `the token as payload member ${k}`);
+    }
+  });
+
+  await check(H, 'the session\'s token is accepted with exactly {"v":1,"op":"handshake","ok":true,"data":{"version":1}} (with min/max 1..1, with no min/max and v:1, and v2-style v:2 1..2)', async () => {
+    for (const srv of sessions) await acceptedToken(srv, tokenHandshake(srv.token), 'the canonical handshake with the token');
+    await acceptedToken(ga, { v: 1, op: 'handshake', payload: { capabilityToken: ga.token } }, 'v:1, the token and no min/max');
+    await acceptedToken(ga, tokenHandshake(ga.token, { minVersion: 1, maxVersion: 2 }, 2), 'v:2, 1..2 and the token');
+  });
+
+  await check(H, 'the token is a JSON string: written with \\u escapes it is the same token and is accepted', async () => {
+    const t = ga.token;
+    const esc = (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`;
+    const text = `{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1,"capabilityToken":"${esc(t[0])}${t.slice(1, 63)}${esc(t[63])}"}}`;
+    await acceptedToken(ga, text, 'the token with its first and last characters \\u-escaped');
+  });
+
+  await check(H, 'the token is checked before the version: a wrong or missing token with an incompatible version gets UNAUTHORIZED; the right token with one gets UNKNOWN_VERSION', async () => {
+    const w = wrongToken(ga.token);
+    await refusedToken(ga, tokenHandshake(w, { minVersion: 2, maxVersion: 3 }), 'a wrong token and versions 2..3');
+    await refusedToken(ga, tokenHandshake(w, { minVersion: 1 }), 'a wrong token and only minVersion');
+    await refusedToken(ga, tokenHandshake(w, { minVersion: '1', maxVersion: 1 }), 'a wrong token and a string minVersion');
+    await refusedToken(ga, { v: 2, op: 'handshake', payload: { minVersion: 2, maxVersion: 3 } }, 'no token and versions 2..3');
+    await refusedToken(ga, { v: 2, op: 'handshake' }, 'no token, v:2 and no payload');
+    await refusedToken(ga, tokenHandshake(42, { minVersion: 0, maxVersion: 0 }), 'token 42 and versions 0..0');
+    for (const msg of [tokenHandshake(ga.token, { minVersion: 2, maxVersion: 3 }), { v: 2, op: 'handshake', payload: { capabilityToken: ga.token } }]) {
+      await session(ga, async (c) => {
+        await c.send(msg);
+        sameJSON((await c.next()).json, HANDSHAKE_BAD, 'reply to the right token with an incompatible version');
+        await c.expectClosedQuietly(3000);
+      }, { handshake: false, label: 'token-bad-version' });
+    }
+  });
+
+  await check(H, 'requests written in the same write as a refused handshake are never answered; behind an accepted one they are', async () => {
+    const reqs = [
+      frameBuf({ id: 'behind1', op: 'get_token', payload: { provider: 'anthropic' } }),
+      frameBuf({ id: 'behind2', op: 'list_providers' }),
+    ];
+    for (const [hs, what] of [[HANDSHAKE, 'no token'], [tokenHandshake(wrongToken(ga.token)), 'a wrong token'], [tokenHandshake(gb.token), 'another session\'s token']]) {
+      await session(ga, async (c) => {
+        await c.write(Buffer.concat([frameBuf(hs), ...reqs]));
+        sameJSON((await c.next()).json, HANDSHAKE_UNAUTH, `reply to ${what}`);
+        await c.expectClosedQuietly(3000);
+      }, { handshake: false, label: 'pipelined-bad' });
+    }
+    await session(ga, async (c) => {
+      await c.write(Buffer.concat([frameBuf(tokenHandshake(ga.token)), ...reqs]));
+      sameJSON((await c.next()).json, HANDSHAKE_OK, 'handshake reply');
+      expect(isOk(await c.waitId('behind1')).access_token === 'at-sess-anthropic-default', 'behind1');
+      sameJSON(isOk(await c.waitId('behind2')), { providers: ['anthropic'] }, 'behind2');
+    }, { handshake: false, label: 'pipelined-good' });
+  });
+
+  await check(H, 'refused handshakes do not disturb the session: an established connection keeps working and the token still opens new ones', async () => {
+    await session(ga, async (est) => {
+      for (let k = 0; k < 5; k++) await refusedToken(ga, tokenHandshake(wrongToken(ga.token)), `wrong token #${k + 1}`);
+      await inSync(est);
+      await acceptedToken(ga, tokenHandshake(ga.token), 'the right token after wrong ones');
+    });
+  });
+
+  await check(H, 'a first frame that is not a handshake on a session socket -> INVALID_REQUEST "handshake required" echoing the id, then close; nothing is served', async () => {
+    await session(ga, async (c) => {
+      await c.send({ v: 1, id: 'sess-first', op: 'get_token', payload: { provider: 'anthropic' }, capabilityToken: ga.token });
+      const f = await c.next();
+      isFail(f, 'INVALID_REQUEST', { id: 'sess-first', error: 'handshake required' });
+      await c.expectClosedQuietly(3000);
+    }, { handshake: false, label: 'first-not-handshake' });
+  });
+
+  await check('Handshake', 'a server without sessions ignores capabilityToken: a session\'s token, a wrong one, "", 42 and null are all accepted', async () => {
+    for (const t of [ga.token, wrongToken(ga.token), 'cap-123', '', 42, null]) {
+      await acceptedToken(main, tokenHandshake(t), `token ${JSON.stringify(t)}`);
+    }
+  });
+
+  // --- "Sessions": the grant --------------------------------------------------
+
+  await check(G, '-allow-provider anthropic: get_token anthropic (bucket absent, null or "default") is the stored token without refresh_token, every other byte as stored', async () => {
+    await session(ga, async (c) => {
+      const want = withoutMember(parseRaw(SESSION_DEFAULT_TOKEN), 'refresh_token');
+      for (const payload of [{ provider: 'anthropic' }, { provider: 'anthropic', bucket: null }, { provider: 'anthropic', bucket: 'default' }]) {
+        const f = await c.call('get_token', payload);
+        isOk(f);
+        const d = rawDiff(want, member(f.tree, 'data'));
+        expect(!d, `${JSON.stringify(payload)}: ${d}: ${f}`);
+        expect(f.text.includes('"price":1.50') && f.text.includes('"n":-0.0'), `numbers not as written: ${f}`);
+      }
+    });
+  });
+
+  await check(G, '-allow-provider anthropic (no bucket named) covers the "default" bucket only: other buckets -> UNAUTHORIZED "bucket not allowed" for get_token, get_bucket_stats, refresh_token', async () => {
+    await session(ga, async (c) => {
+      for (const b of ['work', 'personal', 'nosuchbucket']) {
+        denied(await c.call('get_token', { provider: 'anthropic', bucket: b }), 'bucket not allowed', [b]);
+        denied(await c.call('get_bucket_stats', { provider: 'anthropic', bucket: b }), 'bucket not allowed', [b]);
+        denied(await c.call('refresh_token', { provider: 'anthropic', bucket: b }), 'bucket not allowed', [b]);
+      }
+      await inSync(c);
+    });
+  });
+
+  await check(G, 'a provider outside the grant -> UNAUTHORIZED "provider not allowed" (get_token, get_bucket_stats, refresh_token, list_buckets; present or not)', async () => {
+    await session(ga, async (c) => {
+      for (const p of ['openai', 'gemini', 'nosuchprovider', 'Anthropic']) {
+        denied(await c.call('get_token', { provider: p }), 'provider not allowed', [p]);
+        denied(await c.call('get_token', { provider: p, bucket: 'work' }), 'provider not allowed', [p]);
+        denied(await c.call('get_bucket_stats', { provider: p }), 'provider not allowed', [p]);
+        denied(await c.call('refresh_token', { provider: p }), 'provider not allowed', [p]);
+        denied(await c.call('list_buckets', { provider: p }), 'provider not allowed', [p]);
+      }
+      await inSync(c);
+    });
+  });
+
+  await check(G, 'granted reads work: get_bucket_stats of anthropic/default; refresh_token of anthropic gets PROVIDER_NOT_FOUND (memserver has no refresher), not UNAUTHORIZED', async () => {
+    await session(ga, async (c) => {
+      sameJSON(isOk(await c.call('get_bucket_stats', { provider: 'anthropic' })), { bucket: 'default', requestCount: 0, percentage: 0 }, 'stats');
+      isFail(await c.call('refresh_token', { provider: 'anthropic' }), 'PROVIDER_NOT_FOUND');
+    });
+  });
+
+  await check(G, 'no API key granted: get_api_key and has_api_key -> UNAUTHORIZED "API key not allowed" (present or absent names); list_api_keys is {"keys":[]}', async () => {
+    await session(ga, async (c) => {
+      for (const n of ['anthropic', 'openai_key', 'nosuchkey']) {
+        denied(await c.call('get_api_key', { name: n }), 'API key not allowed', [n]);
+        denied(await c.call('has_api_key', { name: n }), 'API key not allowed', [n]);
+      }
+      sameJSON(isOk(await c.call('list_api_keys')), { keys: [] }, 'list_api_keys');
+      await inSync(c);
+    });
+  });
+
+  await check(G, 'read-only: save_token and remove_token of a granted token -> UNAUTHORIZED "sandbox connections cannot modify tokens"; nothing changes', async () => {
+    await session(ga, async (c) => {
+      const before = await c.call('get_token', { provider: 'anthropic' });
+      isOk(before);
+      denied(await c.call('save_token', { provider: 'anthropic', token: { access_token: 'at-sandbox-write' } }), RO);
+      denied(await c.call('save_token', { provider: 'anthropic', bucket: 'default', token: { access_token: 'at-sandbox-write', refresh_token: RT('sandbox-write') } }), RO);
+      denied(await c.call('save_token', { provider: 'anthropic', bucket: null, token: { access_token: 'at-sandbox-write' } }), RO);
+      denied(await c.call('remove_token', { provider: 'anthropic' }), RO);
+      denied(await c.call('remove_token', { provider: 'anthropic', bucket: 'default' }), RO);
+      // outside the grant too: refused (which of the two messages is not specified)
+      for (const [op, payload] of [['save_token', { provider: 'openai', token: { access_token: 'at-sandbox-write' } }], ['remove_token', { provider: 'openai' }], ['save_token', { provider: 'newprovider', token: { access_token: 'at-sandbox-write' } }], ['remove_token', { provider: 'anthropic', bucket: 'work' }]]) {
+        isFail(await c.call(op, payload), 'UNAUTHORIZED');
+      }
+      const after = await c.call('get_token', { provider: 'anthropic' });
+      const d = rawDiff(member(before.tree, 'data'), member(after.tree, 'data'));
+      expect(!d, `token changed: ${d}`);
+      sameJSON(isOk(await c.call('list_providers')), { providers: ['anthropic'] }, 'list_providers');
+      await inSync(c);
+    });
+    await session(gb, async (c) => {
+      // the same store, seen from the session that may read everything
+      sameJSON(isOk(await c.call('list_providers')), { providers: ['anthropic', 'gemini', 'openai'] }, 'list_providers (all)');
+      isOk(await c.call('get_token', { provider: 'openai' }));
+    });
+  });
+
+  await check(G, 'schema before policy: a write with a bad payload gets INVALID_REQUEST, not UNAUTHORIZED', async () => {
+    await session(ga, async (c) => {
+      isFail(await c.call('save_token', { provider: 'anthropic', token: {} }), 'INVALID_REQUEST');
+      isFail(await c.call('save_token', { provider: 'anthropic' }), 'INVALID_REQUEST');
+      isFail(await c.call('remove_token', { provider: 'anthropic', extra: 1 }), 'INVALID_REQUEST');
+      isFail(await c.call('get_api_key', { name: 'bad name' }), 'INVALID_REQUEST');
+    });
+  });
+
+  await check(G, 'lists answer only what the session may read: list_providers ["anthropic"], list_buckets anthropic ["default"]', async () => {
+    await session(ga, async (c) => {
+      sameJSON(isOk(await c.call('list_providers')), { providers: ['anthropic'] }, 'list_providers');
+      sameJSON(isOk(await c.call('list_buckets', { provider: 'anthropic' })), { buckets: ['default'] }, 'list_buckets');
+    });
+  });
+
+  await check(G, 'a session granted nothing: every read -> UNAUTHORIZED, every list empty', async () => {
+    await session(gn, async (c) => {
+      sameJSON(isOk(await c.call('list_providers')), { providers: [] }, 'list_providers');
+      sameJSON(isOk(await c.call('list_api_keys')), { keys: [] }, 'list_api_keys');
+      denied(await c.call('get_token', { provider: 'anthropic' }), 'provider not allowed');
+      denied(await c.call('get_bucket_stats', { provider: 'anthropic' }), 'provider not allowed');
+      denied(await c.call('refresh_token', { provider: 'anthropic' }), 'provider not allowed');
+      denied(await c.call('list_buckets', { provider: 'anthropic' }), 'provider not allowed');
+      denied(await c.call('get_api_key', { name: 'anthropic' }), 'API key not allowed');
+      denied(await c.call('has_api_key', { name: 'anthropic' }), 'API key not allowed');
+      isFail(await c.call('save_token', { provider: 'anthropic', token: { access_token: 'at-sandbox-write' } }), 'UNAUTHORIZED');
+      isFail(await c.call('remove_token', { provider: 'anthropic' }), 'UNAUTHORIZED');
+      await inSync(c);
+    });
+  });
+
+  await check(G, '-allow-provider "*" and no bucket: every provider, "default" bucket only; list_providers leaves out a provider whose tokens are all in other buckets', async () => {
+    await session(gd, async (c) => {
+      sameJSON(isOk(await c.call('list_providers')), { providers: ['anthropic', 'openai'] }, 'list_providers');
+      sameJSON(isOk(await c.call('list_buckets', { provider: 'anthropic' })), { buckets: ['default'] }, 'list_buckets anthropic');
+      sameJSON(isOk(await c.call('list_buckets', { provider: 'gemini' })), { buckets: [] }, 'list_buckets gemini');
+      sameJSON(isOk(await c.call('get_token', { provider: 'openai' })), { access_token: 'at-sess-openai-default' }, 'openai');
+      isFail(await c.call('get_token', { provider: 'nosuchprovider' }), 'NOT_FOUND');
+      denied(await c.call('get_token', { provider: 'gemini', bucket: 'work' }), 'bucket not allowed');
+      denied(await c.call('get_token', { provider: 'anthropic', bucket: 'work' }), 'bucket not allowed');
+      denied(await c.call('get_api_key', { name: 'anthropic' }), 'API key not allowed');
+      sameJSON(isOk(await c.call('list_api_keys')), { keys: [] }, 'list_api_keys');
+      denied(await c.call('save_token', { provider: 'openai', token: { access_token: 'at-sandbox-write' } }), RO);
+      denied(await c.call('remove_token', { provider: 'openai' }), RO);
+    });
+  });
+
+  await check(G, '"*" on every axis: every provider, bucket and key is readable and listed, but the session stays read-only', async () => {
+    await session(gb, async (c) => {
+      sameJSON(isOk(await c.call('list_providers')), { providers: ['anthropic', 'gemini', 'openai'] }, 'list_providers');
+      sameJSON(isOk(await c.call('list_buckets', { provider: 'anthropic' })), { buckets: ['default', 'personal', 'work'] }, 'list_buckets');
+      sameJSON(isOk(await c.call('list_api_keys')), { keys: Object.keys(SESSION_KEYS).sort() }, 'list_api_keys');
+      sameJSON(isOk(await c.call('get_token', { provider: 'gemini', bucket: 'work' })), { access_token: 'at-sess-gemini-work' }, 'gemini/work');
+      sameJSON(isOk(await c.call('get_token', { provider: 'anthropic', bucket: 'personal' })), { access_token: 'at-sess-anthropic-personal' }, 'anthropic/personal');
+      for (const [n, v] of Object.entries(SESSION_KEYS)) sameJSON(isOk(await c.call('get_api_key', { name: n })), { key: v }, n);
+      sameJSON(isOk(await c.call('has_api_key', { name: 'nosuchkey' })), { exists: false }, 'has_api_key absent');
+      isFail(await c.call('get_token', { provider: 'anthropic', bucket: 'nosuchbucket' }), 'NOT_FOUND');
+      denied(await c.call('save_token', { provider: 'gemini', bucket: 'work', token: { access_token: 'at-sandbox-write' } }), RO);
+      denied(await c.call('save_token', { provider: 'brandnew', token: { access_token: 'at-sandbox-write' } }), RO);
+      denied(await c.call('remove_token', { provider: 'gemini', bucket: 'work' }), RO);
+      sameJSON(isOk(await c.call('get_token', { provider: 'gemini', bucket: 'work' })), { access_token: 'at-sess-gemini-work' }, 'gemini/work after');
+      sameJSON(isOk(await c.call('list_providers')), { providers: ['anthropic', 'gemini', 'openai'] }, 'list_providers after');
+    });
+  });
+
+  // --- refresh tokens under other names ("Operations": get_token, save_token)
+
+  await check('Operations', 'save_token drops refresh tokens under other spellings (refreshToken, Refresh-Token, REFRESH_TOKEN, refresh.token, refresh_token inside an object or an array) and get_token never returns them; look-alike names are kept byte-exact', async () => {
+    await session(main, async (c) => {
+      const v = (s) => RT(`spelling-${s}`);
+      const keep = '"refresh_tokens":"keep-1","refresh":"keep-2","token":"keep-3","refresh_token_expiry":1893456000,"x_refresh_token":"keep-4","note":"refreshToken","price":1.50';
+      const variants = [
+        ['camel', `"refreshToken":"${v('camel')}"`, ''],
+        ['kebab', `"Refresh-Token":"${v('kebab')}"`, ''],
+        ['upper', `"REFRESH_TOKEN":"${v('upper')}"`, ''],
+        ['dotted', `"refresh.token":"${v('dotted')}"`, ''],
+        ['nested', `"oauth":{"refresh_token":"${v('nested')}","scope":"s","deeper":{"RefreshToken":"${v('deeper')}","keep":1.50}}`, '"oauth":{"scope":"s","deeper":{"keep":1.50}}'],
+        ['inarray', `"list":[{"refresh_token":"${v('inarray')}","k":12345678901234567890},2]`, '"list":[{"k":12345678901234567890},2]'],
+      ];
+      for (const [name, member_, kept] of variants) {
+        const bucket = `sp-${name}`;
+        const sent = `{"access_token":"at-spelling-${name}",${member_},${keep}}`;
+        const id = `spell-${name}`;
+        sameJSON(isOk(await c.callText(`{"v":1,"id":"${id}","op":"save_token","payload":{"provider":"spelling","bucket":"${bucket}","token":${sent}}}`, id), id), {}, `${name}: save data`);
+        const f = await c.call('get_token', { provider: 'spelling', bucket });
+        isOk(f);
+        const want = parseRaw(`{"access_token":"at-spelling-${name}",${kept ? `${kept},` : ''}${keep}}`);
+        const d = rawDiff(want, member(f.tree, 'data'));
+        expect(!d, `${name}: ${d}: ${f}`);
+      }
+      // every spelling at once, on a stored token that has a refresh token
+      isOk(await c.callText(`{"v":1,"id":"spell-base","op":"save_token","payload":{"provider":"spelling","bucket":"sp-all","token":{"access_token":"at-spelling-base","refresh_token":"${v('base')}"}}}`, 'spell-base'));
+      const all = variants.map(([, m]) => m).join(',');
+      const f0 = await c.callText(`{"v":1,"id":"spell-all","op":"save_token","payload":{"provider":"spelling","bucket":"sp-all","token":{"access_token":"at-spelling-all","refresh_token":"${v('all')}",${all},${keep}}}}`, 'spell-all');
+      sameJSON(isOk(f0, 'spell-all'), {}, 'all: save data');
+      const f = await c.call('get_token', { provider: 'spelling', bucket: 'sp-all' });
+      isOk(f);
+      const want = parseRaw(`{"access_token":"at-spelling-all","oauth":{"scope":"s","deeper":{"keep":1.50}},"list":[{"k":12345678901234567890},2],${keep}}`);
+      const d = rawDiff(want, member(f.tree, 'data'));
+      expect(!d, `all: ${d}: ${f}`);
+    });
+  });
+
+  await check('memserver -tokens', 'a tokens file with a refresh token under another name (refreshToken, Refresh-Token, oauth.refresh_token, in an array) is refused: non-zero exit, no socket line, the error names the member and never holds the value (plain and -session)', async () => {
+    const variants = [
+      ['refreshToken', (x) => `"refreshToken":"${x}"`],
+      ['Refresh-Token', (x) => `"Refresh-Token":"${x}"`],
+      ['oauth', (x) => `"oauth":{"refresh_token":"${x}","scope":"s"}`],
+      ['list', (x) => `"list":[{"x":{"REFRESH.TOKEN":"${x}"}}]`],
+    ];
+    for (const [name, build] of variants) {
+      for (const args of [[], ['-session', '-allow-provider', '*']]) {
+        const x = RT(`import-${name}`);
+        const fixture = `{"tokens":{"anthropic":{"default":{"access_token":"at-import","refresh_token":"${RT('import-plain')}",${build(x)}}}}}`;
+        const srv = spawnServer(`import-${name}${args.length ? '-session' : ''}`, { fixture, args });
+        await expectRefusedStart(srv);
+        expect(srv.stderr.includes(`"${name}"`), `${srv.label}: error does not name member ${name}: ${show(srv.stderr)}`);
+        for (const secret of [x, RT('import-plain')]) {
+          expect(!srv.stderr.includes(secret) && !srv.stdout.includes(secret), `${srv.label}: output holds the value ${secret}`);
+        }
+      }
+    }
+  });
+
+  // --- "Sessions": fair share ---------------------------------------------------
+
+  await check(F, 'a session takes 32 connections: a 33rd makes it drop the oldest not-yet-handshaken one; with 32 handshaken, a new one is closed at once; the handshaken ones keep working', async () => {
+    const conns = [];
+    try {
+      await sleep(100); // let the session see earlier connections close
+      for (let k = 0; k < 32; k++) conns.push(await Conn.open(gn.socketPath, `${gn.label}/limit${k}`));
+      await sleep(200);
+      const extra = await Conn.open(gn.socketPath, `${gn.label}/limit33`);
+      conns.push(extra);
+      await extra.handshake(tokenHandshake(gn.token));
+      await conns[0].waitClosed(2000);
+      expect(conns[0].chunks.length === 0, 'the session wrote to the dropped connection');
+      for (const k of [1, 2, 31]) expect(!conns[k].closed, `connection #${k + 1} was closed too`);
+      const live = conns.filter((c) => !c.closed);
+      expect(live.length === 32, `expected 32 live connections, have ${live.length}`);
+      await Promise.all(live.filter((c) => c.nframes === 0).map((c) => c.handshake(tokenHandshake(gn.token))));
+      const late = await Conn.open(gn.socketPath, `${gn.label}/late`);
+      conns.push(late);
+      await late.waitClosed(2000);
+      expect(late.chunks.length === 0, 'the session wrote to the refused connection');
+      isOk(await live[0].call('list_api_keys'));
+      isOk(await live[live.length - 1].call('list_api_keys'));
+    } finally {
+      for (const c of conns) c.close();
+    }
+  }, 15000);
+
+  await check(F, 'the session\'s rate budget (120/s) is shared by its connections: 5 connections sending 45 requests each (under their own 60) within a fraction of a second meet RATE_LIMITED with an integer retryAfter >= 1', async () => {
+    const conns = [];
+    try {
+      for (let k = 0; k < 5; k++) {
+        const c = await Conn.open(gd.socketPath, `${gd.label}/budget${k}`);
+        conns.push(c);
+        await c.handshake(tokenHandshake(gd.token));
+      }
+      const t0 = Date.now();
+      const results = await Promise.all(conns.map(async (c, k) => {
+        const got = [];
+        for (let b = 0; b < 3; b++) {
+          const ids = Array.from({ length: BATCH }, (_, j) => `budget-${k}-${b}-${j}`);
+          await c.write(Buffer.concat(ids.map((id) => frameBuf({ id, op: 'list_providers' }))));
+          for (const id of ids) got.push(await c.waitId(id));
+        }
+        return got;
+      }));
+      const elapsed = (Date.now() - t0) / 1000;
+      const all = results.flat();
+      const ok = all.filter((f) => f.json.ok === true).length;
+      const limited = all.filter((f) => f.json.code === 'RATE_LIMITED');
+      const other = all.filter((f) => f.json.ok !== true && f.json.code !== 'RATE_LIMITED');
+      expect(other.length === 0, `unexpected answer: ${other[0]}`);
+      expect(elapsed < 0.5, `test too slow to be conclusive: ${all.length} requests took ${elapsed} s`);
+      expect(limited.length > 0, `${all.length} requests over 5 connections in ${elapsed} s, none RATE_LIMITED`);
+      for (const f of limited) {
+        const ra = member(f.tree, 'retryAfter');
+        expect(ra && ra.t === 'num' && /^[1-9][0-9]*$/.test(ra.raw), `retryAfter not an integer >= 1: ${f}`);
+      }
+      notes.push(`session rate budget: ${all.length} requests over 5 connections in ${elapsed.toFixed(3)} s: ${ok} served, ${limited.length} RATE_LIMITED`);
+    } finally {
+      for (const c of conns) c.close();
+    }
+  });
+
+  // --- "Sessions": revocation ---------------------------------------------------
+
+  await check(V, 'SIGTERM ends a session: its open connection is closed with nothing more, exit status 0, its socket and its directory are removed, and the path no longer connects', async () => {
+    const c = await Conn.open(ga.socketPath, `${ga.label}/sigterm`);
+    await c.handshake(tokenHandshake(ga.token));
+    isOk(await c.call('list_providers'));
+    const dir = path.dirname(ga.socketPath);
+    const ex = await stopServer(ga, 'SIGTERM');
+    await c.expectClosedQuietly(3000);
+    expect(ex.code === 0 && ex.signal === null, `exit ${JSON.stringify(ex)}; stderr: ${show(ga.stderr, 300)}`);
+    expect(!fs.existsSync(ga.socketPath), `socket ${ga.socketPath} still exists`);
+    expect(!fs.existsSync(dir), `session directory ${dir} still exists`);
+    let connected = false;
+    try {
+      const c2 = await Conn.open(ga.socketPath, `${ga.label}/after`);
+      connected = true;
+      c2.close();
+    } catch {
+      /* expected */
+    }
+    expect(!connected, 'connected to the path of an ended session');
+  });
+
+  await check(V, 'SIGTERM on the other sessions (default path included): exit status 0, socket and session-{id} directory removed', async () => {
+    for (const s of [gb, gn, gd]) {
+      const dir = path.dirname(s.socketPath);
+      const ex = await stopServer(s, 'SIGTERM');
+      expect(ex.code === 0 && ex.signal === null, `${s.label}: exit ${JSON.stringify(ex)}; stderr: ${show(s.stderr, 300)}`);
+      expect(!fs.existsSync(s.socketPath), `${s.label}: socket still exists`);
+      expect(!fs.existsSync(dir), `${s.label}: session directory ${dir} still exists`);
     }
   });
 }
