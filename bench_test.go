@@ -30,12 +30,14 @@ import (
 // io.Discard), to state its cost; conns=16/info-logger with a real logger
 // at Info level, where the audit log is off, to show that off costs
 // nothing next to the default (nil) logger the other cases use.
+// conns=16/session serves the connections through a Session (capability
+// token, Grant, its rate budget off too), the way a sandbox is served.
 func BenchmarkGetToken(b *testing.B) {
 	for _, c := range []struct {
 		conns  int
-		logger string // "": none; else the sub-benchmark's name, a JSON logger to io.Discard
+		logger string // "": none; "session": through a session; else a JSON logger to io.Discard
 		level  slog.Level
-	}{{1, "", 0}, {16, "", 0}, {64, "", 0}, {16, "audit-log", slog.LevelDebug}, {16, "info-logger", slog.LevelInfo}} {
+	}{{1, "", 0}, {16, "", 0}, {64, "", 0}, {16, "audit-log", slog.LevelDebug}, {16, "info-logger", slog.LevelInfo}, {16, "session", 0}} {
 		conns := c.conns
 		name := fmt.Sprintf("conns=%d", conns)
 		if c.logger != "" {
@@ -49,13 +51,19 @@ func BenchmarkGetToken(b *testing.B) {
 			st := NewMemoryStore()
 			st.SaveToken(context.Background(), "anthropic", "", mustToken(b, anthropicToken))
 			opts := Options{Store: st, RateLimit: -1}
-			if c.logger != "" {
+			if c.logger != "" && c.logger != "session" {
 				opts.Logger = slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: c.level}))
 			}
-			_, path := startServer(b, opts)
+			srv, path := startServer(b, opts)
+			handshake := `{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`
+			if c.logger == "session" {
+				sess := startSession(b, srv, SessionOptions{Policy: &Grant{Providers: []string{"anthropic"}}, RateLimit: -1})
+				path = sess.SocketPath()
+				handshake = `{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1,"capabilityToken":"` + string(sess.CapabilityToken()) + `"}}`
+			}
 			floorPath := startFloorServer(b, frameOf(`{"id":"1","ok":true,"data":`+anthropicTokenSanitised+`}`))
-			floorConns := dial(b, floorPath, conns, false)
-			serverConns := dial(b, path, conns, true)
+			floorConns := dial(b, floorPath, conns, "")
+			serverConns := dial(b, path, conns, handshake)
 
 			// The two alternate in slices, so that both meet the same
 			// moments of a noisy machine: measured one after the other,
@@ -110,9 +118,9 @@ func (l *load) quantile(q float64) time.Duration {
 	return l.latencies[int(float64(len(l.latencies)-1)*q)]
 }
 
-// dial opens conns connections to path; handshake says whether the server
-// expects one.
-func dial(b *testing.B, path string, conns int, handshake bool) []net.Conn {
+// dial opens conns connections to path and sends each the handshake, if
+// it is not "".
+func dial(b *testing.B, path string, conns int, handshake string) []net.Conn {
 	b.Helper()
 	clients := make([]net.Conn, conns)
 	for i := range clients {
@@ -121,10 +129,10 @@ func dial(b *testing.B, path string, conns int, handshake bool) []net.Conn {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { c.Close() })
-		if handshake {
-			writeFrame(c, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`))
-			if _, err := readFrame(c, nil); err != nil {
-				b.Fatal(err)
+		if handshake != "" {
+			writeFrame(c, []byte(handshake))
+			if reply, err := readFrame(c, nil); err != nil || string(reply) != string(handshakeOK) {
+				b.Fatalf("handshake: %s, %v", reply, err)
 			}
 		}
 		clients[i] = c
