@@ -303,6 +303,13 @@ func ListenPath(path string) (*net.UnixListener, error) {
 			return nil, errorf("remove stale socket: %w", err)
 		}
 	}
+	return listenPrivate(path)
+}
+
+// listenPrivate listens on a socket at path, in a private directory, and
+// makes it 0600. It is never more open: the directory keeps everyone else
+// out meanwhile.
+func listenPrivate(path string) (*net.UnixListener, error) {
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, errorf("listen: %w", err)

@@ -238,13 +238,9 @@ func (ss *Session) listen() (*net.UnixListener, error) {
 	if err := checkSocketPathLen(path); err != nil {
 		return nil, err
 	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	l, err := listenPrivate(path)
 	if err != nil {
-		return nil, errorf("listen: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
-		return nil, errorf("chmod socket: %w", err)
+		return nil, err
 	}
 	ss.socket = path
 	return l, nil

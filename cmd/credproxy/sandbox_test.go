@@ -141,9 +141,10 @@ func TestNamingAProviderGrantsNothingElse(t *testing.T) {
 }
 
 // S10: run holds the store's password in its environment. A command it
-// starts, running as the same (non-root) uid, can neither read it from
-// /proc/$PPID/environ nor attach to run: run is not dumpable. The password
-// is not in the command's own environment either.
+// starts, running as the same (non-root) uid, can read neither run's
+// /proc/$PPID/environ nor its memory map (the ptrace access check a
+// debugger meets): run is not dumpable. The password is not in the
+// command's own environment either.
 func TestRunHidesTheStorePasswordFromItsCommand(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run credproxy as another, non-root, uid")
@@ -155,14 +156,16 @@ func TestRunHidesTheStorePasswordFromItsCommand(t *testing.T) {
 	defer os.RemoveAll(dir)
 	os.Chown(dir, 65534, 65534)
 	cmd := exec.Command(binary, "run", "-store", "memory", "--", "sh", "-c",
-		`tr '\0' '\n' < /proc/$PPID/environ | grep PASSWORD || echo "environ unreadable"; echo "own: [$CREDPROXY_KEYRING_PASSWORD]"`)
+		`tr '\0' '\n' < /proc/$PPID/environ | grep PASSWORD || echo "environ unreadable"
+		cat /proc/$PPID/maps >/dev/null 2>&1 && echo "maps readable" || echo "maps unreadable"
+		echo "own: [$CREDPROXY_KEYRING_PASSWORD]"`)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), credproxy.KeyringPasswordEnv + "=" + fakePassword, "TMPDIR=" + dir, "HOME=" + dir}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("credproxy run as uid 65534: %v", err)
 	}
-	if string(out) != "environ unreadable\nown: []\n" {
+	if string(out) != "environ unreadable\nmaps unreadable\nown: []\n" {
 		t.Errorf("the command saw:\n%s", out)
 	}
 }
