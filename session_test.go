@@ -578,3 +578,44 @@ func TestClientReconnectsAfterTheServerClosedItAsIdle(t *testing.T) {
 		t.Errorf("the old connection: %v", err)
 	}
 }
+
+// S5: nothing of a closed session survives. 50 sessions, each with
+// handshaken, refused and silent connections and a request waiting on
+// the store when it closes, leave the process with the goroutines and file
+// descriptors it had before, and no directory behind; the server serves a
+// new session afterwards.
+func TestSessionsLeaveNothingBehind(t *testing.T) {
+	gated := newGatedStore(defaultStore(t))
+	srv := sessionServer(t, Options{Store: gated})
+	base := testSocketDir(t)
+	goroutines, fds := resourceCounts()
+	for i := range 50 {
+		sess, err := srv.NewSession(SessionOptions{Policy: grantAll, Dir: filepath.Join(base, strconv.Itoa(i))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ok, _ := net.Dial("unix", sess.SocketPath())
+		writeFrame(ok, []byte(`{"v":1,"op":"handshake","payload":{"capabilityToken":"`+string(sess.CapabilityToken())+`"}}`))
+		readFrame(ok, nil)
+		writeFrame(ok, []byte(`{"v":1,"id":"1","op":"get_token","payload":{"provider":"anthropic"}}`))
+		<-gated.entered // the request waits on the store
+		refused, _ := net.Dial("unix", sess.SocketPath())
+		writeFrame(refused, []byte(`{"v":1,"op":"handshake"}`))
+		silent, _ := net.Dial("unix", sess.SocketPath())
+		sess.Close()
+		for _, c := range []net.Conn{ok, refused, silent} {
+			c.Close()
+		}
+	}
+	waitUntil(t, func() bool {
+		g, f := resourceCounts()
+		return g <= goroutines && f <= fds
+	})
+	if entries, err := os.ReadDir(base); err != nil || len(entries) != 0 {
+		t.Errorf("left in %s: %v %v", base, entries, err)
+	}
+	close(gated.gate)
+	if _, err := sessionClient(t, startSession(t, srv, SessionOptions{Policy: grantAll})).GetToken(t.Context(), "anthropic", ""); err != nil {
+		t.Errorf("a new session after 50 closed: %v", err)
+	}
+}
