@@ -6,13 +6,14 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // auditRecord is what the tests read of a log record.
 type auditRecord struct {
 	Level, Msg, Session, Stage, Reason, Op, Code string
 	Peer                                         struct{ UID, PID int }
-	More                                         int
+	More, Unlogged                               int
 }
 
 // newRecords returns the records logged since the last call, and the
@@ -125,5 +126,51 @@ func TestEveryRefusalIsLoggedOnceWithPeerAndSession(t *testing.T) {
 	}
 	if records < 1 || records > 3 || refused != 200 {
 		t.Errorf("a flood of 200 rate-limited requests: %d records counting %d refusals, want 1 to 3 records counting 200", records, refused)
+	}
+}
+
+// S11 against a flood: refusals that need no token (1,000 bad handshakes
+// in a row, as anyone who can reach the socket can send) are logged within
+// the session's budget, a burst and then a few a second, and every one is
+// counted: the records and their "unlogged" counts add up to 1,000. An
+// operation name the peer made up is logged cut short.
+func TestRefusalFloodIsLoggedWithinABudget(t *testing.T) {
+	logger, logs := debugLogger()
+	srv := sessionServer(t, Options{Store: defaultStore(t), Logger: logger})
+	sess := startSession(t, srv, SessionOptions{Policy: grantAll})
+	_, seen := newRecords(t, logs, 0)
+	start := time.Now()
+	for range 1000 {
+		r := dialRaw(t, sess.SocketPath())
+		r.send(`{"v":1,"op":"handshake"}`)
+		r.recv()
+		r.c.Close()
+	}
+	r := dialRaw(t, sess.SocketPath())
+	r.handshakeWith(sess.CapabilityToken())
+	r.send(`{"v":1,"id":"1","op":"` + strings.Repeat("A", 60000) + `"}`)
+	r.recv()
+	elapsed := time.Since(start)
+	sess.Close()
+	recs, _ := newRecords(t, logs, seen)
+	records, counted := 0, 0
+	for _, rec := range recs {
+		if rec.Msg != "credproxy: refused" {
+			continue
+		}
+		records++
+		counted += rec.Unlogged
+		if rec.Stage != "" {
+			counted++
+		}
+		if len(rec.Op) > 40 {
+			t.Errorf("an operation name of %d bytes in the log", len(rec.Op))
+		}
+	}
+	if budget := refusalBurst + int(elapsed.Seconds()*refusalRate) + 2; records > budget || counted != 1001 {
+		t.Errorf("1,001 refusals in %v: %d records (budget %d), counting %d", elapsed, records, budget, counted)
+	}
+	if len(logs.String()) > 100<<10 {
+		t.Errorf("%d bytes of log for the flood", len(logs.String()))
 	}
 }

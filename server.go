@@ -536,6 +536,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // endSessions removes what is left of the sessions once the server has
 // stopped: their directories, and their tokens' validity.
 func (s *Server) endSessions() {
+	s.logUnlogged(s.main)
 	s.mu.Lock()
 	ended := make([]*Session, 0, len(s.sessions))
 	for ss := range s.sessions {
@@ -547,6 +548,7 @@ func (s *Server) endSessions() {
 	for _, ss := range ended {
 		ss.cancel()
 		ss.removeDir()
+		s.logUnlogged(ss)
 	}
 }
 
@@ -1207,9 +1209,12 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 		return result{data: tok.appendSanitised(dst)}
 
 	case OpSaveToken:
-		if err := s.saveToken(ctx, ss, a.provider, a.bucket, a.token); errors.Is(err, errNewTokenLimit) {
+		switch err := s.saveToken(ctx, ss, a.provider, a.bucket, a.token); {
+		case errors.Is(err, errNewTokenLimit):
 			return denied(err)
-		} else if err != nil {
+		case errors.Is(err, errTokenTooLarge):
+			return failure(CodeInvalidRequest, "token too large once merged with the stored one")
+		case err != nil:
 			return s.storeFailure(ctx, op, a, err, "")
 		}
 		return result{data: append(dst, "{}"...)}
@@ -1294,6 +1299,16 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 // the session's MaxNewTokens.
 var errNewTokenLimit error = &denial{"this session may create no more tokens"}
 
+// maxSavedToken bounds the JSON of a token a client saves, merged with the
+// stored one: with room for any response envelope (an id of 256 bytes
+// quoted at worst 6 bytes each), it can always be served, and saves that
+// each add members cannot grow a stored token without limit.
+const maxSavedToken = MaxFrameSize - 2048
+
+// errTokenTooLarge refuses a save_token whose result would exceed
+// maxSavedToken.
+var errTokenTooLarge = errors.New("credproxy: token too large once merged")
+
 // saveToken merges token into the stored one under the per-key lock (R8.3):
 // the incoming refresh token is dropped and the stored one kept. A token
 // that does not exist yet counts against the session's MaxNewTokens, and
@@ -1326,11 +1341,15 @@ func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket st
 	stored, err := st.GetToken(ctx, provider, bucket)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return st.SaveToken(ctx, provider, bucket, incoming)
 	case err != nil:
 		return err
+	default:
+		incoming = stored.Merge(incoming)
 	}
-	return st.SaveToken(ctx, provider, bucket, stored.Merge(incoming))
+	if len(incoming.Reveal()) > maxSavedToken {
+		return errTokenTooLarge
+	}
+	return st.SaveToken(ctx, provider, bucket, incoming)
 }
 
 // removeToken deletes a token under its per-key lock (R8.4), so that a

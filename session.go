@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,17 +89,18 @@ type SessionOptions struct {
 // A Session is safe for concurrent use. Its printed forms never show its
 // capability token.
 type Session struct {
-	srv     *Server
-	id      string
-	policy  Policy
-	token   Secret   // "" for the server's own session, which Serve uses
-	digest  [32]byte // of token
-	dir     string   // "" for the server's own session
-	socket  string
-	madeDir bool
-	ctx     context.Context // ends when the session closes
-	cancel  context.CancelFunc
-	limiter *connLimiter // the session's rate budget; nil: none
+	srv      *Server
+	id       string
+	policy   Policy
+	token    Secret   // "" for the server's own session, which Serve uses
+	digest   [32]byte // of token
+	dir      string   // "" for the server's own session
+	socket   string
+	madeDir  bool
+	ctx      context.Context // ends when the session closes
+	cancel   context.CancelFunc
+	limiter  *connLimiter // the session's rate budget; nil: none
+	refusals *refusalLog
 
 	maxConns    int
 	idleTimeout time.Duration
@@ -178,7 +180,7 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 // ends with the server's.
 func (s *Server) newSession(policy Policy, id string) *Session {
 	ctx, cancel := context.WithCancel(s.baseCtx)
-	return &Session{srv: s, id: id, policy: policy, ctx: ctx, cancel: cancel, maxNew: -1}
+	return &Session{srv: s, id: id, policy: policy, ctx: ctx, cancel: cancel, maxNew: -1, refusals: newRefusalLog()}
 }
 
 // makeDir creates the session's directory: dir, or a new one in the
@@ -196,6 +198,9 @@ func (ss *Session) makeDir(dir string) error {
 	}
 	dir, err := trustedParent(dir, "session directory")
 	if err != nil {
+		return err
+	}
+	if err := ss.checkOwnDir(dir); err != nil {
 		return err
 	}
 	switch err := os.Mkdir(dir, 0o700); {
@@ -219,6 +224,27 @@ func (ss *Session) makeDir(dir string) error {
 	}
 	ss.dir = dir
 	return nil
+}
+
+// checkOwnDir refuses a session directory that is, or holds, the per-user
+// socket directory, where other sessions' directories are made, or that
+// lies in the store's directory: a sandbox that mounts it would see what
+// does not belong to it.
+func (ss *Session) checkOwnDir(dir string) error {
+	if base, err := DefaultSocketDir(); err == nil && within(base, dir) {
+		return errorf("session directory %s is, or holds, the per-user socket directory %s, where other sessions' directories are made; choose a directory of its own", dir, base)
+	}
+	if ks, ok := ss.srv.opts.Store.(*KeyringStore); ok {
+		if store, err := filepath.EvalSymlinks(ks.Dir()); err == nil && within(dir, store) {
+			return errorf("session directory %s is inside the credential store's directory %s; choose a directory of its own", dir, store)
+		}
+	}
+	return nil
+}
+
+// within reports whether path is dir or lies inside it.
+func within(path, dir string) bool {
+	return path == dir || strings.HasPrefix(path, strings.TrimSuffix(dir, string(filepath.Separator))+string(filepath.Separator))
 }
 
 func dirEmpty(dir string) bool {
@@ -326,6 +352,7 @@ func (ss *Session) Close() error {
 	ss.live.Wait()
 	if first {
 		ss.removeDir()
+		s.logUnlogged(ss)
 		s.log.Info("credproxy: session closed", "session", ss.id)
 	}
 	return err

@@ -128,6 +128,22 @@ func TestSessionDirectoryMustBeNewOrEmpty(t *testing.T) {
 	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
 		t.Errorf("after Close, the directory the caller made: %v, %v", entries, err)
 	}
+	// Not the per-user directory, where other sessions' directories go,
+	// nor a directory above it, nor one in the store's directory.
+	tmp := testSocketDir(t)
+	t.Setenv("TMPDIR", tmp)
+	perUser, _ := DefaultSocketDir()
+	for _, d := range []string{perUser, tmp} {
+		if _, err := srv.NewSession(SessionOptions{Policy: grantAll, Dir: d}); err == nil || !strings.Contains(err.Error(), "holds, the per-user socket directory") {
+			t.Errorf("NewSession in %s: %v", d, err)
+		}
+	}
+	ks := openFileStore(t, storeDir(t))
+	ksrv := sessionServer(t, Options{Store: ks})
+	if _, err := ksrv.NewSession(SessionOptions{Policy: grantAll, Dir: filepath.Join(ks.Dir(), ".staging")}); err == nil ||
+		!strings.Contains(err.Error(), "inside the credential store's directory") {
+		t.Errorf("NewSession in the store's staging directory: %v", err)
+	}
 	if _, err := srv.NewSession(SessionOptions{Dir: dir}); err == nil || !strings.Contains(err.Error(), "Policy is nil") {
 		t.Errorf("NewSession without a policy: %v", err)
 	}
@@ -617,5 +633,37 @@ func TestSessionsLeaveNothingBehind(t *testing.T) {
 	close(gated.gate)
 	if _, err := sessionClient(t, startSession(t, srv, SessionOptions{Policy: grantAll})).GetToken(t.Context(), "anthropic", ""); err != nil {
 		t.Errorf("a new session after 50 closed: %v", err)
+	}
+}
+
+// S7: a sandbox that may write cannot grow a stored token without limit,
+// one new member a save: a save whose merged token could no longer be
+// served is refused, and the stored token is still served.
+func TestSavesCannotGrowATokenWithoutLimit(t *testing.T) {
+	st := sessionSuiteStore(t)
+	srv := sessionServer(t, Options{Store: st, RateLimit: -1})
+	c := sessionClient(t, startSession(t, srv, SessionOptions{RateLimit: -1,
+		Policy: &Grant{Providers: []string{"anthropic"}, Write: true}}))
+	ctx := t.Context()
+	refused := 0
+	for i := range 5 {
+		err := c.SaveToken(ctx, "anthropic", "", mustToken(t, `{"access_token":"a","pad`+strconv.Itoa(i)+`":"`+strings.Repeat("x", 20000)+`"}`))
+		var re *RemoteError
+		switch {
+		case err == nil:
+		case errors.As(err, &re) && re.Code == CodeInvalidRequest && re.Message == "token too large once merged with the stored one":
+			refused++
+		default:
+			t.Fatalf("save %d: %v", i, err)
+		}
+	}
+	if refused != 2 {
+		t.Errorf("5 saves of 20 KB members each: %d refused, want 2", refused)
+	}
+	if tok, err := c.GetToken(ctx, "anthropic", ""); err != nil || len(tok.Names()) < 4 {
+		t.Errorf("the stored token after the refusals: %v", err)
+	}
+	if stored, _ := st.GetToken(ctx, "anthropic", ""); len(stored.Reveal()) > maxSavedToken {
+		t.Errorf("stored token of %d bytes", len(stored.Reveal()))
 	}
 }
