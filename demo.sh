@@ -46,7 +46,7 @@ echo "sandbox: credproxy token set anthropic -> $(echo "{\"access_token\":\"plan
 '
 echo "host:    credproxy run -allow-provider anthropic -allow-key openai -- bwrap --unshare-all ... (only /usr, the session directory and the credproxy binary inside, read-only)"
 out=$("$work/credproxy" run -session-dir "$session" -allow-provider anthropic -allow-key openai -- \
-	bwrap --unshare-all --die-with-parent --ro-bind /usr /usr \
+	bwrap --unshare-all --die-with-parent --cap-drop ALL --ro-bind /usr /usr \
 	--symlink usr/lib /lib --symlink usr/lib64 /lib64 --symlink usr/bin /bin \
 	--proc /proc --dev /dev --tmpfs /tmp \
 	--ro-bind "$session" "$session" --ro-bind "$work/credproxy" /credproxy \

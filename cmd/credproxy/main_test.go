@@ -321,10 +321,12 @@ func needTool(t *testing.T, tool, pkg string) {
 // bwrapArgs is a bubblewrap sandbox with nothing of the host but /usr
 // (read-only), the session directory (read-only: enough to connect) and
 // the credproxy and inner binaries: its own user, network, pid, ipc and
-// uts namespaces, a fresh /proc, /dev and /tmp. Descriptor 3, the
-// capability token, passes through bwrap as any inherited descriptor does.
+// uts namespaces, a fresh /proc, /dev and /tmp, and no capabilities (bwrap
+// started by root keeps them otherwise, and with them the sandbox could
+// remount the read-only mounts writable). Descriptor 3, the capability
+// token, passes through bwrap as any inherited descriptor does.
 func bwrapArgs(sessionDir string, extra ...string) []string {
-	args := []string{"--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
+	args := []string{"--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr",
 		"--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
 		"--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
 		"--ro-bind", sessionDir, sessionDir, "--ro-bind", binary, "/credproxy", "--ro-bind", inner, "/inner"}

@@ -145,7 +145,8 @@ read-only. The sandbox may read what the -allow flags name and nothing else,
 and may change nothing unless -allow-write is given; the grant is logged on
 stderr when the session starts, and every refused request is logged there too.
 
-run forwards SIGINT, SIGTERM and SIGHUP to CMD, and when CMD exits closes the
+CMD gets descriptors 0, 1 and 2 and the token's 3, and none of the others run
+inherited. run forwards SIGINT, SIGTERM and SIGHUP to CMD, and when CMD exits closes the
 session (its socket, directory and token stop working), shuts the proxy down
 (5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
 not started and run exits 125. CREDPROXY_KEYRING_PASSWORD is removed from CMD's
@@ -154,7 +155,7 @@ environment, and run makes itself non-dumpable so that CMD cannot read it from
 
 const runExample = `  # A bubblewrap sandbox that sees the session's socket and nothing of the host's store:
   credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
-    bwrap --unshare-all --die-with-parent --ro-bind /usr /usr --symlink usr/lib /lib \
+    bwrap --unshare-all --die-with-parent --cap-drop ALL --ro-bind /usr /usr --symlink usr/lib /lib \
       --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev \
       --ro-bind /tmp/cp-sandbox /tmp/cp-sandbox --ro-bind "$(command -v credproxy)" /credproxy \
       -- /credproxy token get anthropic
@@ -177,6 +178,7 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", err)
 		return exitNoProxy
 	}
+	inheritNothing()
 	sess, stop, err := p.start(ctx, std)
 	if err != nil {
 		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", strings.TrimPrefix(err.Error(), "credproxy: "))

@@ -49,7 +49,8 @@ func pathEnv(t *testing.T) []string {
 // grants the openai key; this sandbox's grant does not. Mounting what the
 // project says to mount (the directory of its socket) shows the sandbox
 // its own socket only, read-only, so it can neither reach the other
-// proxy nor unlink or replace a socket.
+// proxy nor unlink or replace a socket, nor, without capabilities, make a
+// read-only mount writable.
 func TestSandboxReachesOnlyItsOwnSession(t *testing.T) {
 	needTool(t, "bwrap", "bubblewrap")
 	env := pathEnv(t)
@@ -59,13 +60,16 @@ func TestSandboxReachesOnlyItsOwnSession(t *testing.T) {
 	script := `for s in $(find / \( -path /proc -o -path /usr -o -path /sys \) -prune -o -name "*.sock" -print 2>/dev/null); do
 			echo "socket $s"
 			LLXPRT_CREDENTIAL_SOCKET=$s /credproxy key get -raw openai
+			d=$(dirname "$s")
+			mount -o remount,rw,bind "$d" "$d" 2>/dev/null && echo "remounted $d"
 			rm -f "$s" 2>/dev/null && echo "removed $s"
-		done`
+		done
+		mount -o remount,rw,bind /usr /usr 2>/dev/null && echo "remounted /usr"`
 	r := credproxyCmd(t, env, "", "run", "-store", "memory", "-import", creds, "-allow-provider", "anthropic", "--",
 		"sh", "-c", `dir=$(dirname "$LLXPRT_CREDENTIAL_SOCKET"); exec bwrap `+strings.Join(bwrapArgs(`"$dir"`), " ")+` -- /bin/sh -c '`+script+`'`)
 	sockets := strings.Count(r.stdout, "socket ")
 	if sockets != 1 || strings.Contains(r.stdout, fakeKey) || strings.Contains(r.stdout, filepath.Base(otherSocket)) ||
-		strings.Contains(r.stdout, "removed") {
+		strings.Contains(r.stdout, "removed") || strings.Contains(r.stdout, "remounted") {
 		t.Errorf("the sandbox saw %d sockets and got:\n%s%s", sockets, r.stdout, r.stderr)
 	}
 	if !strings.Contains(r.stderr, "API key not allowed") {
@@ -253,5 +257,27 @@ func TestTokenSetConvertsOrRefusesRefreshTokenVariants(t *testing.T) {
 		if r.code != 1 || !strings.Contains(r.stderr, want) || strings.Contains(r.stderr, "SECRET") {
 			t.Errorf("token set %s: %+v, want it to say %q", in, r, want)
 		}
+	}
+}
+
+// A launcher's open files do not leak into the sandbox: CMD gets
+// descriptors 0 to 2 and the token's 3, and none of those run inherited
+// (here an open file on 3, which run replaces, and one on 4).
+func TestRunPassesOnlyTheTokenDescriptor(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "store-item")
+	os.WriteFile(secret, []byte("host file"), 0o600)
+	var extra []*os.File
+	for range 2 {
+		f, err := os.Open(secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		extra = append(extra, f)
+	}
+	r := runBinary(t, binary, pathEnv(t), "", extra, "run", "-store", "memory", "--", "sh", "-c",
+		`for fd in 3 4; do if test -e /proc/$$/fd/$fd; then echo "$fd: $(head -c 9 <&$fd | tr -c '[:alnum:] ' .)"; else echo "$fd: closed"; fi; done`)
+	if r.code != 0 || strings.Contains(r.stdout, "host file") || !strings.Contains(r.stdout, "4: closed") || !strings.HasPrefix(r.stdout, "3: ") {
+		t.Errorf("descriptors in CMD: %+v", r)
 	}
 }
