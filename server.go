@@ -665,7 +665,6 @@ func (c *conn) serve() {
 		c.finish()
 		return
 	}
-	c.handshaken.Store(true)
 	if idle := c.sess.idleTimeout; idle > 0 {
 		c.idleDeadline = time.Now().Add(idle)
 	}
@@ -924,6 +923,10 @@ func (c *conn) handshake(deadline time.Time) bool {
 		c.writeFrame(handshakeFail)
 		return false
 	}
+	// Handshaken before the peer can know it: from then on the connection
+	// cap never drops it to make room, as it drops connections still in
+	// their handshake.
+	c.handshaken.Store(true)
 	return c.writeFrame(handshakeOK)
 }
 
