@@ -135,7 +135,8 @@ func NewClient(path string, opts ClientOptions) *Client {
 }
 
 // NewClientFromEnv returns a client for the socket named by the
-// environment variable [SocketEnv], and an error if it is not set.
+// environment variable [SocketEnv], and an error if it is not set. Like
+// [NewClient] it connects at the first call; [OpenStore] connects at once.
 //
 // If [CapabilityFDEnv] is set, and opts has no CapabilityToken, it reads
 // the session's capability token from file descriptor 3 (the only one

@@ -304,9 +304,9 @@ func (ss *Session) SocketPath() string { return ss.socket }
 func (ss *Session) CapabilityToken() Secret { return ss.token }
 
 // Environ returns the environment variables a sandboxed command needs, as
-// "KEY=value" strings: [SocketEnv] with the socket's path and
-// [CapabilityFDEnv]=3. Add them to the command's environment, and pass
-// [Session.HandoffFile] as its file descriptor 3.
+// "KEY=value" strings: [SocketEnv] set to the socket's path and
+// [CapabilityFDEnv] set to 3. Add them to the command's environment, and
+// pass [Session.HandoffFile] as its file descriptor 3.
 func (ss *Session) Environ() []string {
 	return []string{SocketEnv + "=" + ss.socket, CapabilityFDEnv + "=" + strconv.Itoa(capabilityFD)}
 }

@@ -30,7 +30,7 @@ type proxyFlags struct {
 
 func (p *proxyFlags) register(fs *flag.FlagSet) {
 	fs.Func("allow-provider", "let the sandbox use this `provider`'s tokens (repeatable; '*' for every provider; none given: no tokens)", appendTo(&p.grant.Providers))
-	fs.Func("allow-bucket", "of those providers, this `bucket` (repeatable; '*' for every bucket; none given: the default bucket only)", appendTo(&p.grant.Buckets))
+	fs.Func("allow-bucket", "of every provider allowed, this `bucket` (repeatable; '*' for every bucket; none given: the default bucket only, so name default too to keep it)", appendTo(&p.grant.Buckets))
 	fs.Func("allow-key", "let the sandbox read this API key `name` (repeatable; '*' for every key; none given: no keys)", appendTo(&p.grant.Keys))
 	fs.BoolVar(&p.grant.Write, "allow-write", false, "let the sandbox save and remove the tokens it may use, and create up to 16 new ones (default: read-only)")
 	fs.Func("allow-uid", "also accept peers running as this host `uid` (repeatable; e.g. a container's user)", func(v string) error {
@@ -43,7 +43,7 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 	})
 	fs.StringVar(&p.store, "store", "keyring", "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND) or memory")
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
-	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist or be empty (default: a new directory in the per-user directory in the temp dir)")
+	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist, or be empty with mode 0700 (default: a new directory in the per-user directory in the temp dir)")
 	fs.BoolVar(&p.verbose, "v", false, "log every request (the audit log) on stderr, besides the refusals logged always")
 }
 
@@ -87,6 +87,9 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	if err != nil {
 		store.Close()
 		return nil, nil, err
+	}
+	if len(p.grant.Buckets) > 0 && len(p.grant.Providers) == 0 {
+		fmt.Fprintln(std.err, "credproxy: warning: -allow-bucket without -allow-provider grants no token")
 	}
 	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
 	if err != nil {
@@ -162,7 +165,7 @@ const runExample = `  # A bubblewrap sandbox that sees the session's socket and 
   # Podman: pass descriptor 3 and the two variables on, mount the directory read-only:
   credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
     podman run --rm --preserve-fds 1 --env LLXPRT_CREDENTIAL_SOCKET --env LLXPRT_CAPABILITY_FD \
-      -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE credproxy token get anthropic`
+      -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE /credproxy token get anthropic`
 
 func runCommand(ctx context.Context, args []string, std stdio) int {
 	fs := newFlags("run", runSynopsis, runExample, std)
@@ -253,17 +256,21 @@ const serveSynopsis = `Usage: credproxy serve [flags]
 Serves one credential proxy session until SIGINT or SIGTERM, then closes it,
 shuts down gracefully and removes the socket. Stdout gets two lines:
 LLXPRT_CREDENTIAL_SOCKET=<path> and LLXPRT_CAPABILITY_TOKEN=<token>. Hand the
-token to the sandboxed program on its file descriptor 3 (with
-LLXPRT_CAPABILITY_FD=3), never in its environment or arguments, and mount the
-socket's directory, read-only. Logs go to stderr. serve makes itself
+token to the sandboxed program on its file descriptor 3, as the 64 characters
+and a newline (with LLXPRT_CAPABILITY_FD=3), never in its environment or
+arguments, and mount the socket's directory, read-only. Unlike run, serve
+cannot keep its own environment (the store password, say) from the sandbox:
+start the sandbox with a clean one. Logs go to stderr. serve makes itself
 non-dumpable, as run does.`
 
-const serveExample = `  coproc CP { credproxy serve -allow-provider anthropic; }
+const serveExample = `  coproc CP { exec credproxy serve -allow-provider anthropic; }   # exec: $CP_PID is serve
   read -r sock <&"${CP[0]}"; read -r tok <&"${CP[0]}"
   sock=${sock#*=}
-  bwrap ... --ro-bind "$(dirname "$sock")" "$(dirname "$sock")" \
+  bwrap --unshare-all --die-with-parent --cap-drop ALL --clearenv ... \
+    --ro-bind "$(dirname "$sock")" "$(dirname "$sock")" \
     --setenv LLXPRT_CREDENTIAL_SOCKET "$sock" --setenv LLXPRT_CAPABILITY_FD 3 \
-    -- agent 3<<<"${tok#*=}"`
+    -- agent 3<<<"${tok#*=}"     # bash 5.1 and later: a pipe, not a file
+  kill "$CP_PID"; wait "$CP_PID"  # closes the session`
 
 func serveCommand(ctx context.Context, args []string, std stdio) error {
 	fs := newFlags("serve", serveSynopsis, serveExample, std)
