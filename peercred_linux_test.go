@@ -14,9 +14,7 @@ import (
 // is read or answered, even when the socket's file mode lets it in; with
 // that uid in AllowedUIDs it is served.
 func TestPeerWithOtherUIDIsDisconnected(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run a child process as uid 65534")
-	}
+	needRoot(t)
 	// An open directory and socket, so that only the uid check stands in
 	// the way. Listen would refuse such a directory.
 	dir, err := os.MkdirTemp("", "cp")

@@ -8,12 +8,18 @@ import (
 	"testing"
 )
 
-// needRoot skips a test that must give files or processes to another uid.
+// needRoot skips a test that must give files or processes to another uid,
+// or fails it when CREDPROXY_REQUIRE_ROOT is set, as CI sets it, so that
+// CI cannot pass without running it.
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to act as another uid")
+	if os.Geteuid() == 0 {
+		return
 	}
+	if os.Getenv("CREDPROXY_REQUIRE_ROOT") != "" {
+		t.Fatal("needs root to act as another uid, and CREDPROXY_REQUIRE_ROOT is set")
+	}
+	t.Skip("needs root to act as another uid")
 }
 
 // S2: a socket directory is trusted only if every directory above it is

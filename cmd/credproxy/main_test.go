@@ -208,9 +208,7 @@ func TestRunForwardsSIGTERMAndRemovesTheSocket(t *testing.T) {
 // else, or sits in a directory someone else owns) means the command never
 // starts, and run says why and exits 125.
 func TestRunDoesNotStartTheCommandWithoutAProxy(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to give the directory to another user")
-	}
+	needRoot(t, "needs root to give the directory to another user")
 	theirs := filepath.Join(t.TempDir(), "sockets")
 	os.Mkdir(theirs, 0o700)
 	if err := os.Chown(theirs, 65534, 65534); err != nil {
@@ -306,6 +304,20 @@ func writeCreds(t *testing.T) string {
 	return path
 }
 
+// needRoot skips a test that must act as another uid (or run rootful
+// Podman), saying why, or fails it when CREDPROXY_REQUIRE_ROOT is set, as
+// CI sets it, so that CI cannot pass without running it.
+func needRoot(t *testing.T, why string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CREDPROXY_REQUIRE_ROOT") != "" {
+		t.Fatalf("%s, and CREDPROXY_REQUIRE_ROOT is set", why)
+	}
+	t.Skip(why)
+}
+
 // needTool skips a test whose tool is missing, or fails it when
 // CREDPROXY_REQUIRE_SANDBOXES is set, as CI sets it.
 func needTool(t *testing.T, tool, pkg string) {
@@ -383,9 +395,7 @@ func TestRunInBubblewrap(t *testing.T) {
 // root (S2).
 func TestRunInPodman(t *testing.T) {
 	needTool(t, "podman", "podman runc")
-	if os.Geteuid() != 0 {
-		t.Skip("rootful Podman needs root")
-	}
+	needRoot(t, "rootful Podman needs root")
 	image := importImage(t)
 	env := hostEnv(t)
 	creds := writeCreds(t)

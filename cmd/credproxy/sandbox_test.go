@@ -85,9 +85,7 @@ func TestSandboxReachesOnlyItsOwnSession(t *testing.T) {
 // not in it.
 func TestContainerReachesOnlyItsOwnSession(t *testing.T) {
 	needTool(t, "podman", "podman runc")
-	if os.Geteuid() != 0 {
-		t.Skip("rootful Podman needs root")
-	}
+	needRoot(t, "rootful Podman needs root")
 	image := importImage(t)
 	env := pathEnv(t)
 	creds := writeCreds(t)
@@ -150,9 +148,7 @@ func TestNamingAProviderGrantsNothingElse(t *testing.T) {
 // debugger meets): run is not dumpable. The password is not in the
 // command's own environment either.
 func TestRunHidesTheStorePasswordFromItsCommand(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run credproxy as another, non-root, uid")
-	}
+	needRoot(t, "needs root to run credproxy as another, non-root, uid")
 	dir, err := os.MkdirTemp("", "cp")
 	if err != nil {
 		t.Fatal(err)
@@ -202,9 +198,7 @@ func TestHandoffOnDescriptor3(t *testing.T) {
 	})
 	t.Run("podman", func(t *testing.T) {
 		needTool(t, "podman", "podman runc")
-		if os.Geteuid() != 0 {
-			t.Skip("rootful Podman needs root")
-		}
+		needRoot(t, "rootful Podman needs root")
 		image := importImage(t)
 		sessionDir := filepath.Join(t.TempDir(), "session")
 		// The image has no shell; inner's child reports nothing then.
