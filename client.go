@@ -318,7 +318,7 @@ func (c *Client) checkServer(nc net.Conn) error {
 }
 
 // handshake sends the version 1 handshake, with token if there is one, and
-// checks the reply (R6).
+// checks the reply (PROTOCOL.md, "Handshake").
 func handshake(ctx context.Context, nc net.Conn, token Secret) error {
 	if dl, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(dl)

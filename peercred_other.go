@@ -14,7 +14,7 @@ const maxSocketPathLen = 107
 
 // peerCreds cannot identify the peer on this platform. The server logs a
 // warning once and serves the connection as an unknown [Peer]; the socket's
-// file mode and its unguessable name are the defence (R4.3).
+// file mode and its unguessable name are the defence.
 func peerCreds(*net.UnixConn) (Peer, error) {
 	return Peer{}, errorf("peer credentials on %s: %w", runtime.GOOS, errors.ErrUnsupported)
 }

@@ -71,8 +71,9 @@ type allowAll struct{}
 func (allowAll) Authorize(context.Context, *Request) error { return nil }
 
 // AllowList is a Policy that allows only the listed providers, buckets and
-// API key names (R21). Each set is checked only against names of its own
-// kind, and an empty set places no restriction on its kind: the zero
+// API key names (PROTOCOL.md, "Requests"). Each set is checked only
+// against names of its own kind, and an empty set places no restriction on
+// its kind: the zero
 // AllowList allows everything. Do not modify an AllowList while a server
 // uses it; build a new one and swap it behind your own Policy to change
 // scope at run time.

@@ -33,7 +33,7 @@ import (
 const ProtocolVersion = 1
 
 // MaxFrameSize is the largest frame payload, in bytes, that either side
-// sends or accepts (R5.2).
+// sends or accepts (PROTOCOL.md, "Frames").
 const MaxFrameSize = 65536
 
 const frameHeaderLen = 4
@@ -124,7 +124,7 @@ var errEmptyFrame = errors.New("credproxy: empty frame")
 // readFrame reads one frame from r into buf, which it grows as needed, and
 // returns the payload. The declared length is checked against MaxFrameSize
 // before anything is allocated, so a reader never holds more than the
-// declared, allowed length (R5.2). A header over the limit yields an error
+// declared, allowed length. A header over the limit yields an error
 // wrapping ErrFrameTooLarge; a zero header yields errEmptyFrame. A stream
 // that ends inside a frame yields io.ErrUnexpectedEOF, and one that ends
 // between frames io.EOF.
@@ -195,8 +195,8 @@ func invalid(msg string) *protoError { return &protoError{code: CodeInvalidReque
 const unknownID = "unknown"
 
 // envelope is the top level of every frame. Member names match exactly and
-// unknown members are ignored (R6.4); the json package rejects duplicate
-// names at any depth and invalid UTF-8. Each member decodes itself from the
+// unknown members are ignored (PROTOCOL.md, "JSON rules"); the json package
+// rejects duplicate names at any depth and invalid UTF-8. Each member decodes itself from the
 // raw value as it is read, so that decoding copies nothing but the id and
 // the payload, and the payload into a buffer its requestDecoder reuses.
 type envelope struct {
@@ -460,8 +460,8 @@ func presentedToken(req request) (string, bool) {
 	return string(tok), true
 }
 
-// negotiate returns the version a handshake agrees on, or false (R6.1). If
-// the payload has both minVersion and maxVersion as integers, version 1 is
+// negotiate returns the version a handshake agrees on, or false
+// (PROTOCOL.md, "Handshake"). If the payload has both minVersion and maxVersion as integers, version 1 is
 // chosen when min ≤ max, max ≥ 1 and min ≤ 1. If it has neither (or there
 // is no payload object), the top-level v must be the integer 1. Anything
 // else is incompatible. Other payload members are ignored.
@@ -503,7 +503,7 @@ func clampedInt(raw jsontext.Value) (int64, bool) {
 
 // Payload schemas, one struct per operation. Member names match exactly,
 // unknown members are rejected, null means absent, and the validator
-// checks presence and the name pattern before anything else runs (R7).
+// checks presence and the name pattern before anything else runs ("Requests").
 type (
 	tokenArgs struct {
 		Provider string  `json:"provider" validate:"required,credname"`

@@ -7,7 +7,7 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// Default rate limit per connection (R22): a token bucket refilled at 60
+// Default rate limit per connection (PROTOCOL.md, "Requests"): a token bucket refilled at 60
 // requests per second and holding 60, so the 61st request of a burst is
 // refused.
 const (

@@ -50,7 +50,7 @@ func (f RefresherFunc) Refresh(ctx context.Context, token Token) (Token, error) 
 // never reaches a client.
 var ErrTransient = errors.New("credproxy: transient refresh failure")
 
-// Refresh timing (R12–R16).
+// Refresh timing (PROTOCOL.md, "Operations", refresh_token).
 const (
 	// A token valid for longer than this after the lock is taken was
 	// refreshed by someone else, and is returned without a provider call.
@@ -206,7 +206,7 @@ func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, need
 	}
 }
 
-// run refreshes under the per-key lock (R12, R15): it reads the stored
+// run refreshes under the per-key lock: it reads the stored
 // token again, returns it if it is still valid for longer than need, and
 // otherwise calls the provider, merges and saves. It reports whether it
 // called the provider successfully.
@@ -301,7 +301,7 @@ func (co *coordinator) due(provider string, tok Token) bool {
 }
 
 // watch schedules the proactive renewal of a token that get_token served
-// or a refresh produced (R16): once per key, or again (again=true) after a
+// or a refresh produced: once per key, or again (again=true) after a
 // refresh. Tokens without a refresh token or an expiry are not renewed.
 func (co *coordinator) watch(provider, bucket string, tok Token, again bool) {
 	if co.srv.opts.DisableRenewal || co.refreshers[provider] == nil || tok.RefreshToken() == "" {

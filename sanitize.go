@@ -181,7 +181,7 @@ func refreshTokenPath(v jsontext.Value, name string) (string, bool) {
 // Merge returns t overlaid with newer, member by member: each member of
 // newer replaces the member of t with the same name or is added after t's
 // members. If newer has no refresh_token, or an empty one, t's refresh token
-// is kept (R12). The server merges this way on save_token, so a sandbox can
+// is kept. The server merges this way on save_token, so a sandbox can
 // update an access token but never drop or replace the host's refresh token.
 func (t Token) Merge(newer Token) Token {
 	members := make([]member, len(t.members), len(t.members)+len(newer.members))

@@ -56,8 +56,8 @@ type Options struct {
 
 	// RateLimit is the sustained number of requests per second allowed on
 	// each connection, and RateBurst the number allowed at once. Zero means
-	// 60 and 60 (R22). A negative RateLimit switches the limit off, for
-	// benchmarks only. A zero RateBurst with a non-zero RateLimit means the
+	// 60 and 60 (PROTOCOL.md, "Requests"). A negative RateLimit switches
+	// the limit off, for benchmarks only. A zero RateBurst with a non-zero RateLimit means the
 	// rate rounded up.
 	RateLimit float64
 	RateBurst int
@@ -77,7 +77,7 @@ type Options struct {
 	HandshakeTimeout time.Duration
 
 	// FrameTimeout bounds the time from a frame's first byte to its last
-	// (R5.3). Zero means 5s.
+	// (PROTOCOL.md, "Frames"). Zero means 5s.
 	FrameTimeout time.Duration
 
 	// StoreTimeout bounds the policy and store work of one request; past it
@@ -114,7 +114,7 @@ type Options struct {
 	// means no cap. Sessions have their own.
 	MaxNewTokens int
 
-	// DisableRenewal turns off proactive renewal (R16). By default, once
+	// DisableRenewal turns off proactive renewal. By default, once
 	// get_token has served a token that can be refreshed, the server
 	// renews it shortly before it expires (at expiry - max(5 min, 10% of
 	// its lifetime) - up to 30 s of jitter) and again after each renewal,
@@ -339,7 +339,8 @@ func checkSocketPathLen(path string) error {
 // and macOS a peer whose uid is neither the server's effective uid nor in
 // [Options.AllowedUIDs], or whose credentials cannot be read (as with a
 // listener that is not a Unix socket), is disconnected before anything is
-// read (R4). Serve may be called on several listeners at once.
+// read (PROTOCOL.md, "Roles and transport"). Serve may be called on several
+// listeners at once.
 //
 // Every connection Serve accepts is served under [Options.Policy] and
 // needs no capability token. For a sandbox, use [Server.NewSession].
@@ -505,8 +506,8 @@ var aLongTimeAgo = time.Unix(1, 0)
 // Shutdown shuts the server down gracefully, like http.Server.Shutdown: it
 // closes the listeners (removing the socket files of listeners made by
 // [Listen]), stops reading new requests, lets the requests in flight finish
-// and their responses be written, and closes every connection (R25.3). If
-// ctx ends first, Shutdown closes everything as [Server.Close] does and
+// and their responses be written, and closes every connection
+// (PROTOCOL.md, "Connections"). If ctx ends first, Shutdown closes everything as [Server.Close] does and
 // returns ctx.Err(). Shutdown may be called more than once, and before
 // Serve; it returns once every connection goroutine has exited.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -808,7 +809,7 @@ func (c *conn) setReadDeadline(t time.Time) {
 }
 
 // readFrame waits for the next frame until idleDeadline (zero: forever),
-// then gives the rest of it FrameTimeout from its first byte (R5.3): a
+// then gives the rest of it FrameTimeout from its first byte: a
 // trickle of bytes does not extend that.
 func (c *conn) readFrame(idleDeadline time.Time) ([]byte, error) {
 	if _, err := c.br.Peek(1); err != nil {
@@ -863,7 +864,7 @@ func (c *conn) frameBuffered() bool {
 }
 
 // readFailed answers a frame-level error that leaves the stream out of
-// sync: an empty or oversize header gets one INVALID_REQUEST (R5.4). The
+// sync: an empty or oversize header gets one INVALID_REQUEST ("Frames"). The
 // refusals, and a connection closed for holding a frame or its handshake
 // back, are logged; a connection closed as idle or by its peer is not a
 // refusal.
@@ -892,7 +893,7 @@ func (c *conn) refuseFrame(reason string) {
 	c.writeFailure(unknownID, invalid(reason), 0)
 }
 
-// handshake reads and answers the first frame (R6). It reports whether the
+// handshake reads and answers the first frame ("Handshake"). It reports whether the
 // connection may go on.
 func (c *conn) handshake(deadline time.Time) bool {
 	frame, err := c.readFrame(deadline)
@@ -1224,7 +1225,7 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 
 	case OpRemoveToken:
 		if err := s.removeToken(ctx, a.provider, a.bucket); err != nil {
-			// Best effort (R8.4): a logout must not fail in the sandbox.
+			// Best effort: a logout must not fail in the sandbox.
 			s.logStoreError(op, a, err)
 		}
 		return result{data: append(dst, "{}"...)}
@@ -1312,7 +1313,7 @@ const maxSavedToken = MaxFrameSize - 2048
 // maxSavedToken.
 var errTokenTooLarge = errors.New("credproxy: token too large once merged")
 
-// saveToken merges token into the stored one under the per-key lock (R8.3):
+// saveToken merges token into the stored one under the per-key lock:
 // the incoming refresh token is dropped and the stored one kept. A token
 // that does not exist yet counts against the session's MaxNewTokens, and
 // the store's cross-process lock (a lock file, with KeyringStore) is
@@ -1355,7 +1356,7 @@ func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket st
 	return st.SaveToken(ctx, provider, bucket, incoming)
 }
 
-// removeToken deletes a token under its per-key lock (R8.4), so that a
+// removeToken deletes a token under its per-key lock, so that a
 // logout during a refresh or save waits for it and then wins. A token
 // that does not exist is left alone without taking the store's
 // cross-process lock, which would leave a lock file behind for the name.
@@ -1409,7 +1410,7 @@ func (s *Server) lockStore(ctx context.Context, provider, bucket string) (unlock
 func tokenKey(provider, bucket string) string { return provider + ":" + bucket }
 
 // filterNames returns the sorted names policy allows, asking once per name
-// with set filling the name into a copy of req (R21.3).
+// with set filling the name into a copy of req.
 func filterNames(ctx context.Context, policy Policy, req Request, names []string, set func(*Request, string)) []string {
 	kept := make([]string, 0, len(names))
 	for _, n := range names {

@@ -50,7 +50,7 @@ type StoreCloser interface {
 
 // OpenStore returns the store this process should use, so that code that
 // runs both on the host and in a sandbox never needs to know which it is
-// in (R2):
+// in:
 //
 //   - When the environment variable [SocketEnv] is set (in a sandbox), a
 //     [*Client] of the credential proxy at that path, connected and past the
@@ -246,7 +246,7 @@ func begin(ctx context.Context, names ...string) error {
 }
 
 // keyedMutex serialises work per key (provider:bucket) inside one process:
-// save_token's read-merge-write and remove_token take it (R8.3, R8.4), so a
+// save_token's read-merge-write and remove_token take it, so a
 // logout arriving during a save waits for it and then wins. Waiting honours
 // ctx. Entries exist only while held or waited for.
 type keyedMutex struct {

@@ -78,7 +78,7 @@ func checkTrustedAncestor(dir, what, path string) error {
 }
 
 // checkPrivateDir checks that dir is a real directory that only the
-// effective uid can use (R3.2).
+// effective uid can use.
 func checkPrivateDir(dir, what string) error {
 	fi, err := os.Lstat(dir)
 	if err != nil {
