@@ -70,23 +70,14 @@ func (s *Server) logUnlogged(ss *Session) {
 	}
 }
 
-// logOp is an operation name as the log may hold it: a known one as it
-// is, another cut to refusalOpLen bytes, so that a peer cannot fill the
-// host's log with 64 KB names.
+// logOp is an operation name as the log may hold it: cut to refusalOpLen
+// bytes, so that a peer cannot fill the host's log with 64 KB names.
 func logOp(op string) string {
-	if _, ok := opNames[op]; ok || len(op) <= refusalOpLen {
-		return op
+	if len(op) <= refusalOpLen {
+		return op // every known op is shorter
 	}
 	return strings.ToValidUTF8(op[:refusalOpLen], "") + "..."
 }
-
-var opNames = func() map[string]bool {
-	m := make(map[string]bool, len(knownOps))
-	for _, op := range knownOps {
-		m[op] = true
-	}
-	return m
-}()
 
 // logAttr names the session in a log record; the server's own session
 // (connections through Serve) is not named.

@@ -213,12 +213,15 @@ type Token struct {
 	// rendered once when the token is made: a get_token then copies it
 	// instead of quoting every member again.
 	sanitised []byte
+	// stripped says that sanitised left something out: a member, at any
+	// depth, with a refresh token's name.
+	stripped bool
 }
 
 // newToken makes the token of members, which it owns from then on.
 func newToken(members []member) Token {
 	t := Token{members: members}
-	t.sanitised = t.appendJSON(nil, false)
+	t.sanitised, t.stripped = t.appendJSON(nil, false)
 	return t
 }
 
@@ -341,7 +344,8 @@ func (t *Token) UnmarshalJSON(data []byte) error {
 // code that stores or sends it on purpose. Never log what it returns. The
 // zero Token reveals as {}.
 func (t Token) Reveal() []byte {
-	return t.appendJSON(nil, true)
+	whole, _ := t.appendJSON(nil, true)
+	return whole
 }
 
 // appendSanitised appends the token as it may be sent to a peer: without
@@ -351,19 +355,21 @@ func (t Token) Reveal() []byte {
 // WithoutRefreshToken copies.
 func (t Token) appendSanitised(dst []byte) []byte {
 	if t.sanitised == nil { // the zero Token
-		return t.appendJSON(dst, false)
+		dst, _ = t.appendJSON(dst, false)
+		return dst
 	}
 	return append(dst, t.sanitised...)
 }
 
 // appendJSON appends the token object to dst: whole, or sanitised (see
-// appendSanitised). Member names were valid UTF-8 when parsed, so quoting
-// cannot fail.
-func (t Token) appendJSON(dst []byte, withRefreshToken bool) []byte {
+// appendSanitised), reporting whether sanitising left anything out.
+// Member names were valid UTF-8 when parsed, so quoting cannot fail.
+func (t Token) appendJSON(dst []byte, withRefreshToken bool) (_ []byte, stripped bool) {
 	dst = append(dst, '{')
 	first := true
 	for _, m := range t.members {
 		if !withRefreshToken && isRefreshTokenName(m.name) {
+			stripped = true
 			continue
 		}
 		if !first {
@@ -374,11 +380,14 @@ func (t Token) appendJSON(dst []byte, withRefreshToken bool) []byte {
 		dst = append(dst, ':')
 		if withRefreshToken {
 			dst = append(dst, m.value...)
-		} else {
-			dst = appendWithoutRefreshTokens(dst, m.value)
+			continue
 		}
+		// Only removals change a value, so a shorter copy lost a member.
+		before := len(dst)
+		dst = appendWithoutRefreshTokens(dst, m.value)
+		stripped = stripped || len(dst)-before < len(m.value)
 	}
-	return append(dst, '}')
+	return append(dst, '}'), stripped
 }
 
 func (t Token) lookup(name string) (jsontext.Value, bool) {

@@ -22,7 +22,7 @@ const redacted = "[REDACTED]"
 // emptied, and every other member is kept as it is. A server sends tokens
 // only in this form.
 func (t Token) WithoutRefreshToken() Token {
-	if !t.hasRefreshTokenNames() {
+	if !t.stripped {
 		return t
 	}
 	members := make([]member, 0, len(t.members))
@@ -36,12 +36,6 @@ func (t Token) WithoutRefreshToken() Token {
 		members = append(members, m)
 	}
 	return newToken(members)
-}
-
-// hasRefreshTokenNames reports whether the sanitised form of t differs
-// from t: whether some member, at any depth, has a refresh token's name.
-func (t Token) hasRefreshTokenNames() bool {
-	return t.sanitised != nil && len(t.sanitised) != len(t.appendJSON(nil, true))
 }
 
 // isRefreshTokenName reports whether a member name spells "refresh token":

@@ -291,8 +291,9 @@ func ListenPath(path string) (*net.UnixListener, error) {
 	if err != nil {
 		return nil, err
 	}
-	if path = filepath.Join(dir, filepath.Base(abs)); len(path) > maxSocketPathLen {
-		return nil, checkSocketPathLen(path)
+	path = filepath.Join(dir, filepath.Base(abs)) // resolving links may have made it longer
+	if err := checkSocketPathLen(path); err != nil {
+		return nil, err
 	}
 	if _, err := os.Lstat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
@@ -1327,22 +1328,19 @@ func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket st
 	}
 	defer unlock()
 	st := s.opts.Store
-	_, err = st.GetToken(ctx, provider, bucket)
-	switch {
-	case errors.Is(err, ErrNotFound):
-		if !ss.reserveNewToken() {
-			return errNewTokenLimit
-		}
-	case err != nil:
-		return err
-	}
-	unlockStore, err := s.lockStore(ctx, provider, bucket)
-	if err != nil {
-		return err
-	}
-	defer unlockStore()
-	// Read again under the store's lock: another process may have saved.
 	stored, err := st.GetToken(ctx, provider, bucket)
+	if errors.Is(err, ErrNotFound) && !ss.reserveNewToken() {
+		return errNewTokenLimit
+	}
+	if locker, ok := st.(TokenLocker); ok {
+		unlockStore, lerr := locker.LockToken(ctx, provider, bucket)
+		if lerr != nil {
+			return lerr
+		}
+		defer unlockStore()
+		// Read again under the store's lock: another process may have saved.
+		stored, err = st.GetToken(ctx, provider, bucket)
+	}
 	switch {
 	case errors.Is(err, ErrNotFound):
 	case err != nil:
