@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"time"
 
 	"github.com/go-json-experiment/json/jsontext"
 	"golang.org/x/oauth2"
@@ -82,10 +85,19 @@ func (o *OAuth2Refresher) Refresh(ctx context.Context, token Token) (Token, erro
 	if err != nil {
 		return Token{}, classifyOAuth2Error(ctx, err)
 	}
+	if got.Expiry.IsZero() && got.Extra("expires_in") != nil {
+		// golang.org/x/oauth2 reads "expires_in":0 as no expiry at all;
+		// a lifetime of zero is a token that is already expired, which
+		// the server refuses as a failed refresh.
+		got.Expiry = time.Now()
+	}
 	return tokenFromOAuth2(got)
 }
 
-// classifyOAuth2Error wraps err with the sentinel its kind calls for.
+// classifyOAuth2Error wraps err with the sentinel its kind calls for: a
+// rejected refresh token, a failure worth retrying (the network, HTTP 5xx
+// and 429, with the provider's Retry-After), or, for anything else, such
+// as a 200 response that is not a token response, a permanent failure.
 func classifyOAuth2Error(ctx context.Context, err error) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
@@ -97,14 +109,45 @@ func classifyOAuth2Error(ctx context.Context, err error) error {
 		case re.ErrorCode == "invalid_grant" || status == http.StatusUnauthorized:
 			return fmt.Errorf("%w: %w", ErrReauthRequired, err)
 		case status >= 500 || status == http.StatusTooManyRequests:
-			return fmt.Errorf("%w: %w", ErrTransient, err)
+			return &providerBusy{err: fmt.Errorf("%w: %w", ErrTransient, err), retryAfter: parseRetryAfter(re.Response.Header.Get("Retry-After"), time.Now())}
 		}
 		return err
 	}
-	if ctx.Err() != nil {
-		return err
+	var ue *url.Error
+	var ne net.Error
+	if ctx.Err() == nil && (errors.As(err, &ue) || errors.As(err, &ne)) {
+		return fmt.Errorf("%w: %w", ErrTransient, err) // network
 	}
-	return fmt.Errorf("%w: %w", ErrTransient, err) // network
+	return err
+}
+
+// providerBusy is a transient failure with the provider's Retry-After.
+type providerBusy struct {
+	err        error
+	retryAfter time.Duration
+}
+
+func (e *providerBusy) Error() string             { return e.err.Error() }
+func (e *providerBusy) Unwrap() error             { return e.err }
+func (e *providerBusy) RetryAfter() time.Duration { return e.retryAfter }
+
+// parseRetryAfter reads a Retry-After header (RFC 9110, section 10.2.3):
+// delay seconds or an HTTP date. Anything else, or a date in the past, is
+// no wait.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if secs <= 0 {
+			return 0
+		}
+		return time.Duration(min(secs, int64(maxRetryAfter/time.Second))) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return min(t.Sub(now), maxRetryAfter)
+	}
+	return 0
 }
 
 // tokenFromOAuth2 converts an oauth2.Token to a Token.

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -26,8 +28,21 @@ import (
 //     invalid_grant, HTTP 401). Not retried; the stored refresh token is
 //     cleared and the sandbox is told to have the user log in again.
 //   - [ErrTransient]: worth retrying (network errors, HTTP 5xx and 429).
-//     Retried twice, after 1 s and 3 s.
+//     Retried twice, after 1 s and 3 s, unless the provider asked for a
+//     longer wait.
 //   - anything else: a permanent failure, not retried.
+//
+// An error in the chain with a method RetryAfter() time.Duration (as the
+// errors of [OAuth2Refresher] have for a 429 or 503 with Retry-After) says
+// how long the provider asked not to be called; the server waits at least
+// that long before it calls again for that provider and bucket. After any
+// failure it waits anyway: 30 s, doubling with each failure in a row up
+// to 30 minutes (PROTOCOL.md, "Refresh").
+//
+// The token returned replaces the stored token's expiry: with no expiry, the
+// saved token has none, and an expiry that is already past or more than ten
+// years away fails the refresh (its refresh token, if rotated, is still
+// saved).
 //
 // The error's text is logged on the host, with the token's secrets
 // redacted, and never sent to the sandbox. The server never runs two
@@ -49,12 +64,13 @@ func (f RefresherFunc) Refresh(ctx context.Context, token Token) (Token, error) 
 // never reaches a client.
 var ErrTransient = errors.New("credproxy: transient refresh failure")
 
-// Refresh timing (PROTOCOL.md, "Operations", refresh_token).
+// Refresh timing (PROTOCOL.md, "Refresh").
 const (
-	// A token valid for longer than this after the lock is taken was
-	// refreshed by someone else, and is returned without a provider call.
-	refreshFreshFor = 60 * time.Second
-	// After a successful refresh of a key, no other runs for this long.
+	// get_token refreshes a token that expires within this margin
+	// ([Options.RefreshMargin]).
+	defaultRefreshMargin = 60 * time.Second
+	// After a successful refresh of a key, no other runs for this long:
+	// refresh_token gets the token it produced.
 	refreshCooldown = 30 * time.Second
 	// Each provider call gets this long.
 	refreshAttemptTimeout = 30 * time.Second
@@ -62,24 +78,52 @@ const (
 	// it runs on after the request that started it gives up, so that a
 	// rotated refresh token is never dropped half way.
 	refreshFlightTimeout = 2 * time.Minute
+	// get_token waits this long for a refresh of a token about to expire,
+	// then serves the stored one: well under the store deadline, so a
+	// hanging provider never costs the sandbox its valid token.
+	preServeRefreshWait = 5 * time.Second
+	// After n failed refreshes of a key in a row, the next waits
+	// min(failureBackoffMax, failureBackoffBase * 2^(n-1)), or the
+	// provider's Retry-After (at most maxRetryAfter) if longer.
+	failureBackoffBase = 30 * time.Second
+	failureBackoffMax  = 30 * time.Minute
+	maxRetryAfter      = 24 * time.Hour
+	// A refreshed token that claims to live longer than this is refused:
+	// a unit error (milliseconds for seconds) rather than a real lifetime.
+	maxTokenLifetime = 10 * 365 * 24 * time.Hour
 )
 
 // refreshRetryDelays are the waits before the second and third attempt
 // after transient failures.
 var refreshRetryDelays = [...]time.Duration{1 * time.Second, 3 * time.Second}
 
-// coolingDown is the error of a refresh asked for within the cooldown of
-// the last one, while the stored token has expired.
-type coolingDown struct{ retryAfter time.Duration }
-
-func (e *coolingDown) Error() string {
-	return fmt.Sprintf("credproxy: refreshed less than %v ago; retry in %v", refreshCooldown, e.retryAfter)
+// retryLater is the error of a refresh asked for within the cooldown of
+// the last one, while the stored token has expired, or within the backoff
+// after a failure.
+type retryLater struct {
+	after  time.Duration
+	failed bool // backing off after a failure, not cooling down after a success
 }
-func (e *coolingDown) Unwrap() error { return ErrRateLimited }
+
+func (e *retryLater) Error() string {
+	if e.failed {
+		return fmt.Sprintf("credproxy: the last refresh failed; retry in %v", e.after)
+	}
+	return fmt.Sprintf("credproxy: refreshed less than %v ago; retry in %v", refreshCooldown, e.after)
+}
+func (e *retryLater) Unwrap() error { return ErrRateLimited }
+
+// errRefreshOverdue is get_token's answer when the refresh it would join
+// already kept another get_token waiting for preServeRefreshWait.
+var errRefreshOverdue = fmt.Errorf("credproxy: refresh in progress for longer than %v: %w", preServeRefreshWait, context.DeadlineExceeded)
+
+// errBadExpiry fails a refresh whose token is already expired or claims an
+// absurd lifetime.
+var errBadExpiry = errors.New("credproxy: the refreshed token's expiry is already past or more than ten years away (expires_in must be a positive number of seconds)")
 
 // coordinator runs the refreshes of one server: one flight at a time per
-// provider:bucket, shared by everyone who asks meanwhile, and the
-// proactive renewal timers.
+// provider:bucket, shared by everyone who asks meanwhile, the memory of
+// each key's last success and failures, and the proactive renewal timers.
 type coordinator struct {
 	srv        *Server
 	refreshers map[string]Refresher
@@ -87,6 +131,7 @@ type coordinator struct {
 	mu       sync.Mutex
 	flights  map[string]*flight
 	lastDone map[string]time.Time // key → end of its last successful provider refresh
+	failed   map[string]failures  // key → its failures since the last success
 	renewals map[string]*renewal
 	closed   bool
 	wg       sync.WaitGroup // flights and firing renewals
@@ -97,6 +142,31 @@ type flight struct {
 	done chan struct{}
 	tok  Token
 	err  error
+	// overdue is set once a get_token gave up waiting for the flight;
+	// later ones serve the stored token without waiting again.
+	overdue atomic.Bool
+}
+
+// failures is the memory of a key's failed refreshes.
+type failures struct {
+	n     int       // in a row
+	until time.Time // no provider call before this
+}
+
+// want is what an asker needs from a refresh.
+type want struct {
+	// seen is the stored token the asker saw. If the token under the lock
+	// differs, someone refreshed (or saved) it meanwhile, and it is
+	// returned without a provider call when it is valid for longer than
+	// need. The zero Token: read it first.
+	seen Token
+	need time.Duration
+	// beforeServe marks get_token's bounded wait (preServeRefreshWait).
+	beforeServe bool
+	// session, for refresh_token, is the asker's session: if it was last
+	// given a token other than the stored one, the stored one is what it
+	// needs, and no provider call.
+	session *Session
 }
 
 func newCoordinator(srv *Server, refreshers map[string]Refresher) *coordinator {
@@ -111,42 +181,64 @@ func newCoordinator(srv *Server, refreshers map[string]Refresher) *coordinator {
 		refreshers: m,
 		flights:    make(map[string]*flight),
 		lastDone:   make(map[string]time.Time),
+		failed:     make(map[string]failures),
 		renewals:   make(map[string]*renewal),
 	}
 }
 
-// refresh returns a fresh token for provider and bucket: it joins the
-// flight in progress for them or starts one. need is how long the stored
-// token must still be valid, once the lock is held, for the flight to
-// return it instead of calling the provider. The checks run in the spec's
-// order: no refresher, no token, no refresh token, then cooldown.
-func (co *coordinator) refresh(ctx context.Context, provider, bucket string, need time.Duration) (Token, error) {
+// refresh returns a refreshed token for provider and bucket: it joins the
+// flight in progress for them or starts one. Within the cooldown after a
+// success it returns the stored token, and within the backoff after a
+// failure a *retryLater. The checks run in the spec's order: no
+// refresher, no token, no refresh token, then cooldown and backoff.
+func (co *coordinator) refresh(ctx context.Context, provider, bucket string, w want) (Token, error) {
 	r := co.refreshers[provider]
 	if r == nil {
 		return Token{}, ErrProviderNotFound
 	}
-	stored, err := co.srv.opts.Store.GetToken(ctx, provider, bucket)
-	if err != nil {
-		return Token{}, err
+	st := co.srv.opts.Store
+	if w.seen.IsZero() {
+		var err error
+		if w.seen, err = st.GetToken(ctx, provider, bucket); err != nil {
+			return Token{}, err
+		}
 	}
-	if stored.RefreshToken() == "" {
+	if w.seen.RefreshToken() == "" {
 		return Token{}, ErrRefreshNotAvailable
 	}
-	key := provider + ":" + bucket
+	key := tokenKey(provider, bucket)
+	if w.session != nil && w.session.servedOther(provider, bucket, w.seen) {
+		// Read again: the token seen may predate the one the session was
+		// given, which the asker then cannot hold yet.
+		stored, err := st.GetToken(ctx, provider, bucket)
+		if err != nil {
+			return Token{}, err
+		}
+		if validFor(stored, time.Now()) > 0 {
+			co.observedRefresh(key)
+			return stored, nil
+		}
+	}
 	co.mu.Lock()
 	f := co.flights[key]
 	if f == nil {
-		if since := time.Since(co.lastDone[key]); since < refreshCooldown {
+		now := time.Now()
+		if since := now.Sub(co.lastDone[key]); since < refreshCooldown {
 			co.mu.Unlock()
-			// The token read above may predate the refresh that started
-			// the cooldown.
-			if stored, err = co.srv.opts.Store.GetToken(ctx, provider, bucket); err != nil {
+			// The token seen may predate the refresh that started the
+			// cooldown.
+			stored, err := st.GetToken(ctx, provider, bucket)
+			if err != nil {
 				return Token{}, err
 			}
-			if exp, ok := stored.Expiry(); !ok || time.Now().Before(exp) {
+			if validFor(stored, time.Now()) > 0 {
 				return stored, nil
 			}
-			return Token{}, &coolingDown{retryAfter: refreshCooldown - since}
+			return Token{}, &retryLater{after: refreshCooldown - since}
+		}
+		if until := co.failed[key].until; now.Before(until) {
+			co.mu.Unlock()
+			return Token{}, &retryLater{after: until.Sub(now), failed: true}
 		}
 		if co.closed {
 			co.mu.Unlock()
@@ -155,29 +247,72 @@ func (co *coordinator) refresh(ctx context.Context, provider, bucket string, nee
 		f = &flight{done: make(chan struct{})}
 		co.flights[key] = f
 		co.wg.Add(1)
-		go co.fly(f, r, provider, bucket, need)
+		go co.fly(f, r, provider, bucket, w)
+	} else if w.beforeServe && f.overdue.Load() {
+		co.mu.Unlock()
+		return Token{}, errRefreshOverdue
 	}
 	co.mu.Unlock()
 	select {
 	case <-f.done:
 		return f.tok, f.err
 	case <-ctx.Done():
+		if w.beforeServe {
+			f.overdue.Store(true)
+		}
 		return Token{}, ctx.Err()
 	}
 }
 
-// fly runs one flight to its end, whoever is still waiting for it.
-func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, need time.Duration) {
+// observedRefresh notes that the token of key was refreshed elsewhere
+// lately (another process, or the host's user): the cooldown starts, as
+// after a refresh of our own, so that sandboxes catching up with the new
+// token do not each ask the provider for another.
+func (co *coordinator) observedRefresh(key string) {
+	co.mu.Lock()
+	defer co.mu.Unlock()
+	if now := time.Now(); now.After(co.lastDone[key]) {
+		co.lastDone[key] = now
+	}
+}
+
+// beforeServe refreshes stored, which get_token is about to serve and
+// which expires within the margin, waiting at most preServeRefreshWait.
+func (co *coordinator) beforeServe(ctx context.Context, provider, bucket string, stored Token) (Token, error) {
+	ctx, cancel := context.WithTimeout(ctx, preServeRefreshWait)
+	defer cancel()
+	return co.refresh(ctx, provider, bucket, want{seen: stored, need: co.srv.opts.RefreshMargin, beforeServe: true})
+}
+
+// fly runs one flight to its end, whoever is still waiting for it, and
+// remembers how it went.
+func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, w want) {
 	defer co.wg.Done()
 	ctx, cancel := context.WithTimeout(co.srv.baseCtx, refreshFlightTimeout)
 	defer cancel()
-	tok, called, err := co.run(ctx, r, provider, bucket, need)
+	start := time.Now()
+	tok, called, err := co.run(ctx, r, provider, bucket, w)
 
-	key := provider + ":" + bucket
+	key := tokenKey(provider, bucket)
+	now := time.Now()
+	var retryAfter time.Duration
 	co.mu.Lock()
 	delete(co.flights, key)
-	if err == nil && called {
-		co.lastDone[key] = time.Now()
+	switch {
+	case err == nil:
+		// Whether this flight called the provider or found the token
+		// refreshed by someone else, a refresh just happened.
+		co.lastDone[key] = now
+		delete(co.failed, key)
+	case err != nil && co.backsOff(err):
+		fl := co.failed[key]
+		fl.n++
+		fl.until = start.Add(min(failureBackoffMax, failureBackoffBase<<min(fl.n-1, 16)))
+		if ra := retryAfterOf(err); ra > 0 {
+			fl.until = later(fl.until, now.Add(min(ra, maxRetryAfter)))
+		}
+		co.failed[key] = fl
+		retryAfter = fl.until.Sub(now)
 	}
 	co.mu.Unlock()
 	f.tok, f.err = tok, err
@@ -185,13 +320,22 @@ func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, need
 	if err == nil {
 		co.watch(provider, bucket, tok, true)
 	}
+	co.report(provider, bucket, called, err, retryAfter)
 }
 
-// run refreshes under the per-key lock: it reads the stored
-// token again, returns it if it is still valid for longer than need, and
+// backsOff reports whether a flight's failure counts against its key:
+// failures of the provider, its answer or the store, but not a token that
+// is gone or cannot be refreshed, nor a server that is closing.
+func (co *coordinator) backsOff(err error) bool {
+	return !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrRefreshNotAvailable) &&
+		!errors.Is(err, ErrReauthRequired) && co.srv.baseCtx.Err() == nil
+}
+
+// run refreshes under the per-key lock: it reads the stored token again,
+// returns it if someone refreshed it since the asker saw it, and
 // otherwise calls the provider, merges and saves. It reports whether it
 // called the provider successfully.
-func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket string, need time.Duration) (Token, bool, error) {
+func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket string, w want) (Token, bool, error) {
 	st := co.srv.opts.Store
 	unlock, err := co.srv.lockToken(ctx, provider, bucket)
 	if err != nil {
@@ -205,7 +349,7 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	if stored.RefreshToken() == "" {
 		return Token{}, false, ErrRefreshNotAvailable
 	}
-	if exp, ok := stored.Expiry(); ok && time.Until(exp) > need {
+	if !stored.Equal(w.seen) && validFor(stored, time.Now()) > max(w.need, 0) {
 		return stored, false, nil
 	}
 
@@ -217,12 +361,28 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 		if err := st.SaveToken(ctx, provider, bucket, stored.WithoutRefreshToken()); err != nil {
 			co.logError("credproxy: cannot clear a rejected refresh token", provider, bucket, err, stored)
 		}
-		co.stopRenewal(provider + ":" + bucket)
-		return Token{}, false, ErrReauthRequired
+		co.stopRenewal(tokenKey(provider, bucket))
+		return Token{}, false, err
 	case err != nil:
 		return Token{}, false, err
 	}
+	if exp, ok := fresh.Expiry(); ok && (!exp.After(time.Now()) || time.Until(exp) > maxTokenLifetime) {
+		co.srv.log.Warn("credproxy: refresh failed", "provider", provider, "bucket", bucket, "err", errBadExpiry.Error())
+		// The provider may have rotated the refresh token all the same;
+		// losing it would log the user out.
+		if rt := fresh.RefreshToken(); rt != "" && rt != stored.RefreshToken() {
+			kept := stored.Merge(fresh.only(fieldRefreshToken))
+			if err := st.SaveToken(ctx, provider, bucket, kept); err != nil {
+				co.logError("credproxy: a rotated refresh token could not be saved; the user may have to log in again",
+					provider, bucket, err, stored, fresh)
+			}
+		}
+		return Token{}, false, errBadExpiry
+	}
 	merged := stored.Merge(fresh)
+	if _, ok := fresh.lookup(fieldExpiry); !ok {
+		merged = merged.without(fieldExpiry) // never inherit a stale expiry
+	}
 	if err := st.SaveToken(ctx, provider, bucket, merged); err != nil {
 		// The provider may have rotated the refresh token: this is the one
 		// failure that can cost the user their login, so say so.
@@ -234,8 +394,18 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	return merged, true, nil
 }
 
+// validFor returns how long tok stays valid after now: a lot for a token
+// without expiry, nothing or less for an expired one.
+func validFor(tok Token, now time.Time) time.Duration {
+	exp, ok := tok.Expiry()
+	if !ok {
+		return math.MaxInt64
+	}
+	return exp.Sub(now)
+}
+
 // call asks the provider, retrying transient failures after the delays in
-// refreshRetryDelays.
+// refreshRetryDelays, unless the provider asked to wait longer.
 func (co *coordinator) call(ctx context.Context, r Refresher, provider, bucket string, stored Token) (Token, error) {
 	for attempt := 0; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, refreshAttemptTimeout)
@@ -247,8 +417,10 @@ func (co *coordinator) call(ctx context.Context, r Refresher, provider, bucket s
 		if err == nil {
 			return fresh, nil
 		}
-		co.logError("credproxy: refresh failed", provider, bucket, err, stored, fresh)
-		if !errors.Is(err, ErrTransient) || attempt == len(refreshRetryDelays) || ctx.Err() != nil {
+		err = redactError(err, stored, fresh)
+		co.srv.log.Warn("credproxy: refresh failed", "provider", provider, "bucket", bucket, "err", err.Error())
+		if !errors.Is(err, ErrTransient) || attempt == len(refreshRetryDelays) || ctx.Err() != nil ||
+			retryAfterOf(err) > refreshRetryDelays[attempt] {
 			return Token{}, err
 		}
 		t := time.NewTimer(refreshRetryDelays[attempt])
@@ -261,13 +433,27 @@ func (co *coordinator) call(ctx context.Context, r Refresher, provider, bucket s
 	}
 }
 
+// retryAfterOf returns how long the provider asked not to be called, as
+// the error says through a RetryAfter method, or 0.
+func retryAfterOf(err error) time.Duration {
+	var ra interface{ RetryAfter() time.Duration }
+	if errors.As(err, &ra) {
+		return max(0, ra.RetryAfter())
+	}
+	return 0
+}
+
 // logError logs err with every secret of the tokens redacted.
 func (co *coordinator) logError(msg, provider, bucket string, err error, tokens ...Token) {
+	co.srv.log.Warn(msg, "provider", provider, "bucket", bucket, "err", redact(err.Error(), secretsOf(tokens)...))
+}
+
+func secretsOf(tokens []Token) []string {
 	var secrets []string
 	for _, t := range tokens {
 		secrets = append(secrets, string(t.AccessToken()), string(t.RefreshToken()))
 	}
-	co.srv.log.Warn(msg, "provider", provider, "bucket", bucket, "err", redact(err.Error(), secrets...))
+	return secrets
 }
 
 // due reports whether get_token should refresh tok before serving it: it

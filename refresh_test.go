@@ -36,6 +36,13 @@ type tokenEndpoint struct {
 	gate     chan struct{}   // if set, each call waits for it to close
 	entered  chan struct{}   // receives a value as each call starts
 	grant    map[string]bool // refresh tokens that have been exchanged
+
+	// Misbehaviours of real providers, off by default.
+	noExpiresIn bool   // successes carry no expires_in
+	expiresIn   string // if set, the expires_in JSON value of successes
+	hang        bool   // calls never answer; they end when the request's context does
+	html        bool   // calls answer 200 with an HTML page (a login wall, say)
+	retryAfter  string // Retry-After header of the statuses in failWith
 }
 
 func newTokenEndpoint(lifetime time.Duration) *tokenEndpoint {
@@ -55,6 +62,18 @@ func (e *tokenEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	e.entered <- struct{}{}
 	if gate != nil {
 		<-gate
+	}
+	e.mu.Lock()
+	hang, html := e.hang, e.html
+	e.mu.Unlock()
+	if hang {
+		<-r.Context().Done()
+		return
+	}
+	if html {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		fmt.Fprint(w, "<!doctype html><title>Sign in</title><p>Please sign in.")
+		return
 	}
 	reply := func(status int, body string) {
 		w.Header().Set("Content-Type", "application/json")
@@ -76,6 +95,9 @@ func (e *tokenEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if len(e.failWith) > 0 {
 		status := e.failWith[0]
 		e.failWith = e.failWith[1:]
+		if e.retryAfter != "" {
+			w.Header().Set("Retry-After", e.retryAfter)
+		}
 		reply(status, `{"error":"server_error","error_description":"could not refresh `+rt+`"}`)
 		return
 	}
@@ -86,8 +108,15 @@ func (e *tokenEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	e.grant[rt] = true
 	e.issued++
 	e.current = fmt.Sprintf("fake-refresh-rotated-%d-XXXX%d", e.issued, e.issued)
-	reply(200, fmt.Sprintf(`{"access_token":"fake-access-%d","token_type":"Bearer","expires_in":%d,"refresh_token":"%s","scope":"chat"}`,
-		e.issued, int(e.lifetime/time.Second), e.current))
+	expiresIn := `,"expires_in":` + strconv.Itoa(int(e.lifetime/time.Second))
+	switch {
+	case e.noExpiresIn:
+		expiresIn = ""
+	case e.expiresIn != "":
+		expiresIn = `,"expires_in":` + e.expiresIn
+	}
+	reply(200, fmt.Sprintf(`{"access_token":"fake-access-%d","token_type":"Bearer"%s,"refresh_token":"%s","scope":"chat"}`,
+		e.issued, expiresIn, e.current))
 }
 
 func (e *tokenEndpoint) callCount() int { return len(e.callTimes()) }
@@ -121,6 +150,9 @@ type handlerTransport struct{ h http.Handler }
 func (t handlerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	rec := httptest.NewRecorder()
 	t.h.ServeHTTP(rec, r)
+	if err := r.Context().Err(); err != nil {
+		return nil, err // as a real transport does when the request is cancelled
+	}
 	return rec.Result(), nil
 }
 
@@ -247,22 +279,31 @@ func TestRefreshConcurrentRequestsMakeOneProviderCall(t *testing.T) {
 	noRefreshTokenIn(t, "the debug log", logs.String())
 }
 
-// R12 across processes' worth of servers: two servers sharing one store
-// directory, each with its own KeyringStore, make one endpoint call
-// between them for 50 concurrent requests; the second finds the token
-// fresh under the cross-process lock.
+// R12 across processes' worth of servers, F1: two servers sharing one
+// store directory, each with its own KeyringStore, and sandboxes that hold
+// the stored token (valid for 10 more minutes) and find it rejected: 50
+// concurrent refresh_token requests make one endpoint call between them,
+// and every sandbox gets the one new token. The server that did not call
+// finds the token changed under the cross-process lock, or knows that its
+// sandbox holds an older token than the store.
 func TestRefreshOneProviderCallAcrossTwoServers(t *testing.T) {
 	e := newTokenEndpoint(time.Hour)
 	hs := httptest.NewServer(e)
 	defer hs.Close()
 	dir := storeDir(t)
 	first := openFileStore(t, dir)
-	first.SaveToken(context.Background(), "anthropic", "", expiringToken(t, -time.Minute))
+	first.SaveToken(context.Background(), "anthropic", "", expiringToken(t, 10*time.Minute))
 	var clients []*Client
 	for _, st := range []*KeyringStore{first, openFileStore(t, dir)} {
-		_, path := startServer(t, Options{Store: st, RateLimit: -1,
+		_, path := startServer(t, Options{Store: st, RateLimit: -1, DisableRenewal: true,
 			Refreshers: map[string]Refresher{"anthropic": refresherFor(hs.URL, hs.Client())}})
-		clients = append(clients, newTestClient(t, path, ClientOptions{}), newTestClient(t, path, ClientOptions{}))
+		for range 2 {
+			c := newTestClient(t, path, ClientOptions{})
+			if tok, err := c.GetToken(context.Background(), "anthropic", ""); err != nil || string(tok.AccessToken()) != "fake-access-0" {
+				t.Fatalf("get_token: %q, %v", string(tok.AccessToken()), err)
+			}
+			clients = append(clients, c)
+		}
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -446,9 +487,8 @@ func TestRefreshCooldown(t *testing.T) {
 }
 
 // R6.5 order of refresh checks: no refresher → PROVIDER_NOT_FOUND; no
-// token → NOT_FOUND; no refresh token → REFRESH_NOT_AVAILABLE; a token
-// valid for over a minute (refreshed elsewhere) is returned as it is. None
-// calls the provider.
+// token → NOT_FOUND; no refresh token → REFRESH_NOT_AVAILABLE. None calls
+// the provider.
 func TestRefreshChecksBeforeCallingTheProvider(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := newRefreshHarness(t, time.Hour, Token{}, Options{DisableRenewal: true})
@@ -463,10 +503,6 @@ func TestRefreshChecksBeforeCallingTheProvider(t *testing.T) {
 		h.store.SaveToken(ctx, "anthropic", "", mustToken(t, `{"access_token":"fake-access-0"}`))
 		if _, err := h.client.RefreshToken(ctx, "anthropic", ""); !errors.Is(err, ErrRefreshNotAvailable) {
 			t.Errorf("no refresh token: %v", err)
-		}
-		h.store.SaveToken(ctx, "anthropic", "", expiringToken(t, 10*time.Minute))
-		if tok, err := h.client.RefreshToken(ctx, "anthropic", ""); err != nil || string(tok.AccessToken()) != "fake-access-0" {
-			t.Errorf("token valid for 10 minutes: %q, %v; want it returned as it is", string(tok.AccessToken()), err)
 		}
 		if n := h.endpoint.callCount(); n != 0 {
 			t.Errorf("endpoint calls = %d, want 0", n)

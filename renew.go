@@ -36,7 +36,10 @@ func (co *coordinator) watch(provider, bucket string, tok Token, again bool) {
 		return
 	}
 	exp, ok := tok.Expiry()
-	if !ok {
+	if !ok || !exp.After(time.Now()) {
+		// An expired token is refreshed when asked for, never on a timer
+		// set from an expiry that is already past: that is how a stale
+		// expiry turns into a refresh loop.
 		return
 	}
 	key := provider + ":" + bucket
@@ -132,14 +135,14 @@ func (co *coordinator) fire(r *renewal, provider, bucket string) {
 	if err == nil {
 		// Refresh unless, under the lock, the token turns out to outlive
 		// the one just read.
-		fresh, err = co.refresh(ctx, provider, bucket, exp.Sub(now)+time.Second)
+		fresh, err = co.refresh(ctx, provider, bucket, want{seen: stored, need: exp.Sub(now) + time.Second})
 	}
-	var cool *coolingDown
+	var wait *retryLater
 	switch {
 	case err == nil:
 		co.watch(provider, bucket, fresh, true)
-	case errors.As(err, &cool):
-		co.reschedule(r, provider, bucket, now.Add(cool.retryAfter))
+	case errors.As(err, &wait):
+		co.reschedule(r, provider, bucket, now.Add(wait.after))
 	case errors.Is(err, ErrReauthRequired) || errors.Is(err, ErrRefreshNotAvailable) ||
 		errors.Is(err, ErrNotFound) || errors.Is(err, ErrServerClosed):
 		co.stopRenewal(key)
@@ -157,7 +160,8 @@ func (co *coordinator) fire(r *renewal, provider, bucket string) {
 			return
 		}
 		backoff := min(renewBackoffMax, renewBackoffBase<<(r.failures-1))
-		co.scheduleLocked(r, provider, bucket, now.Add(backoff))
+		// The key's own backoff is later when the provider sent Retry-After.
+		co.scheduleLocked(r, provider, bucket, later(now.Add(backoff), co.failed[key].until))
 	}
 }
 

@@ -194,6 +194,23 @@ func (t Token) Merge(newer Token) Token {
 	return newToken(merged.members)
 }
 
+// without returns t without its member called name.
+func (t Token) without(name string) Token {
+	i := t.index(name)
+	if i < 0 {
+		return t
+	}
+	return newToken(append(t.members[:i:i], t.members[i+1:]...))
+}
+
+// only returns a token of t's member called name, if it has one.
+func (t Token) only(name string) Token {
+	if i := t.index(name); i >= 0 {
+		return newToken([]member{t.members[i]})
+	}
+	return Token{}
+}
+
 func (t Token) index(name string) int {
 	for i, m := range t.members {
 		if m.name == name {

@@ -97,10 +97,20 @@ type Options struct {
 	Refreshers map[string]Refresher
 
 	// RefreshMargin: get_token refreshes a token that expires within this
-	// margin before serving it, if it can be refreshed; if the refresh
-	// fails, the stored token is served. Zero means 60s; negative turns it
-	// off.
+	// margin before serving it, if it can be refreshed. It waits a few
+	// seconds for the refresh at most; if the refresh fails or takes
+	// longer, the stored token is served while it is still valid, and an
+	// expired one is not served (the sandbox gets the refresh's error).
+	// Zero means 60s; negative turns it off.
 	RefreshMargin time.Duration
+
+	// OnRefresh, if set, is told how each host-side refresh that asked the
+	// provider ended (see [RefreshEvent]); for example, a host CLI can ask
+	// its user to log in again on RefreshReauthRequired. It is called on
+	// the refresh's own goroutine once the requests waiting for the
+	// refresh have their answer, for one provider and bucket at a time;
+	// it must not block for long.
+	OnRefresh func(RefreshEvent)
 
 	// IdleTimeout closes a connection through [Server.Serve] that has
 	// completed its handshake and then sent nothing for this long; the
@@ -191,7 +201,7 @@ func NewServer(opts Options) (*Server, error) {
 	setDefault(&opts.FrameTimeout, DefaultFrameTimeout)
 	setDefault(&opts.StoreTimeout, DefaultStoreTimeout)
 	setDefault(&opts.WriteTimeout, DefaultWriteTimeout)
-	setDefault(&opts.RefreshMargin, refreshFreshFor)
+	setDefault(&opts.RefreshMargin, defaultRefreshMargin)
 	setDefault(&opts.IdleTimeout, DefaultServerIdleTimeout)
 	setDefault(&opts.MaxNewTokens, DefaultMaxNewTokens)
 
@@ -1203,14 +1213,19 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 			return s.storeFailure(ctx, op, a, err, "token not found")
 		}
 		if s.refresh.due(a.provider, tok) {
-			if fresh, err := s.refresh.refresh(ctx, a.provider, a.bucket, s.opts.RefreshMargin); err == nil {
+			fresh, err := s.refresh.beforeServe(ctx, a.provider, a.bucket, tok)
+			switch {
+			case err == nil:
 				tok = fresh
-			} else {
+			case validFor(tok, time.Now()) > 0:
 				s.log.Debug("credproxy: serving the stored token; refresh before get_token failed",
 					"provider", a.provider, "bucket", a.bucket, "err", err)
+			default:
+				return s.refreshFailure(ctx, op, a, err)
 			}
 		}
 		s.refresh.watch(a.provider, a.bucket, tok, false)
+		ss.noteServed(a.provider, a.bucket, tok)
 		return result{data: tok.appendSanitised(dst)}
 
 	case OpSaveToken:
@@ -1291,10 +1306,11 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 		return s.storeFailure(ctx, op, a, err, "")
 
 	case OpRefreshToken:
-		tok, err := s.refresh.refresh(ctx, a.provider, a.bucket, refreshFreshFor)
+		tok, err := s.refresh.refresh(ctx, a.provider, a.bucket, want{session: ss})
 		if err != nil {
 			return s.refreshFailure(ctx, op, a, err)
 		}
+		ss.noteServed(a.provider, a.bucket, tok)
 		return result{data: tok.appendSanitised(dst)}
 	}
 	return failure(CodeInvalidRequest, "unknown operation")
@@ -1449,7 +1465,7 @@ func (s *Server) namesResult(op Op, dst []byte, member string, names []string) r
 // provider's or store's own text has been logged by the coordinator or is
 // logged here, never sent.
 func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) result {
-	var cool *coolingDown
+	var later *retryLater
 	switch {
 	case errors.Is(err, ErrProviderNotFound):
 		return failure(CodeProviderNotFound, "no refresher for this provider")
@@ -1459,12 +1475,17 @@ func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) r
 		return failure(CodeRefreshNotAvailable, "no refresh token stored; log in again on the host")
 	case errors.Is(err, ErrReauthRequired):
 		return failure(CodeReauthRequired, "the provider rejected the refresh token; log in again on the host")
-	case errors.As(err, &cool):
+	case errors.As(err, &later):
 		res := failure(CodeRateLimited, "token refreshed moments ago; retry later")
-		res.retryAfter = max(1, int((cool.retryAfter+time.Second-1)/time.Second))
+		if later.failed {
+			res = failure(CodeRateLimited, "the last refresh failed; retry later")
+		}
+		res.retryAfter = max(1, int((later.after+time.Second-1)/time.Second))
 		return res
-	case errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil:
+	case errors.Is(err, context.DeadlineExceeded) && (ctx.Err() != nil || op == OpGetToken):
 		return failure(CodeInternalError, "refresh timed out")
+	case errors.Is(err, errBadExpiry) || isRedacted(err):
+		return failure(CodeInternalError, "refresh failed") // logged by the coordinator
 	}
 	s.logStoreError(op, a, err)
 	return failure(CodeInternalError, "refresh failed")

@@ -1,0 +1,104 @@
+package credproxy
+
+import (
+	"errors"
+	"time"
+)
+
+// RefreshOutcome is how a host-side refresh ended (see [RefreshEvent]).
+type RefreshOutcome int
+
+const (
+	// RefreshSucceeded: the provider issued a new token, and it was saved.
+	RefreshSucceeded RefreshOutcome = iota + 1
+
+	// RefreshFailed: the provider could not be reached, failed, or
+	// answered with something that is not a valid token. The server asks
+	// it again for this token no sooner than [RefreshEvent.RetryAfter].
+	RefreshFailed
+
+	// RefreshReauthRequired: the provider rejected the refresh token
+	// (OAuth2 invalid_grant, HTTP 401). The server removed it from the
+	// stored token; the user must log in again on the host.
+	RefreshReauthRequired
+)
+
+// String returns "succeeded", "failed" or "reauth-required".
+func (o RefreshOutcome) String() string {
+	switch o {
+	case RefreshSucceeded:
+		return "succeeded"
+	case RefreshFailed:
+		return "failed"
+	case RefreshReauthRequired:
+		return "reauth-required"
+	}
+	return "unknown"
+}
+
+// RefreshEvent reports the outcome of a host-side refresh to
+// [Options.OnRefresh], so that a host can, say, prompt its user to log in
+// again instead of leaving a sandbox to fail. It carries no secret.
+type RefreshEvent struct {
+	Provider string
+	Bucket   string // never empty: [DefaultBucket] when the request named none
+	Outcome  RefreshOutcome
+
+	// RetryAfter, with RefreshFailed, is how long the server waits before
+	// it asks the provider again for this token.
+	RetryAfter time.Duration
+
+	// Err, unless the refresh succeeded, says why it did not, with the
+	// token's secrets redacted from its text. errors.Is matches what the
+	// cause matched ([ErrReauthRequired], [ErrTransient],
+	// context.DeadlineExceeded ...); the cause itself, which may quote
+	// the provider's raw response, is not reachable from it.
+	Err error
+}
+
+// report tells the host's OnRefresh hook how a flight that asked the
+// provider ended: no event for a flight that found the token refreshed
+// elsewhere, gone, or not refreshable.
+func (co *coordinator) report(provider, bucket string, called bool, err error, retryAfter time.Duration) {
+	hook := co.srv.opts.OnRefresh
+	if hook == nil {
+		return
+	}
+	ev := RefreshEvent{Provider: provider, Bucket: bucket, Err: err}
+	switch {
+	case err == nil && called:
+		ev.Outcome = RefreshSucceeded
+	case errors.Is(err, ErrReauthRequired):
+		ev.Outcome = RefreshReauthRequired
+	case err != nil && retryAfter > 0:
+		ev.Outcome, ev.RetryAfter = RefreshFailed, retryAfter
+	default:
+		return
+	}
+	hook(ev)
+}
+
+// redactedError is a refresher's error with the secrets it might quote
+// taken out of its text. It matches what the cause matches, but does not
+// unwrap to it: the cause may hold the provider's raw response.
+type redactedError struct {
+	msg   string
+	cause error
+}
+
+func (e *redactedError) Error() string             { return e.msg }
+func (e *redactedError) Is(target error) bool      { return errors.Is(e.cause, target) }
+func (e *redactedError) RetryAfter() time.Duration { return retryAfterOf(e.cause) }
+
+// isRedacted reports whether err came from a refresher (and was logged,
+// redacted, where it happened).
+func isRedacted(err error) bool {
+	var r *redactedError
+	return errors.As(err, &r)
+}
+
+// redactError returns err with the secrets of tokens redacted from its
+// text.
+func redactError(err error, tokens ...Token) error {
+	return &redactedError{msg: redact(err.Error(), secretsOf(tokens)...), cause: err}
+}
