@@ -1,13 +1,16 @@
 package credproxy
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +19,7 @@ import (
 	"time"
 
 	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
 )
 
 // tokenEndpoint is a real OAuth2 token endpoint for the tests: it serves
@@ -33,6 +37,7 @@ type tokenEndpoint struct {
 	calls    []time.Time
 	used     []string        // refresh tokens presented, in order
 	failWith []int           // statuses for the next calls, one each
+	echoBody bool            // invalid_grant quotes the form body as received, not the refresh token
 	gate     chan struct{}   // if set, each call waits for it to close
 	entered  chan struct{}   // receives a value as each call starts
 	grant    map[string]bool // refresh tokens that have been exchanged
@@ -80,7 +85,12 @@ func (e *tokenEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(status)
 		fmt.Fprint(w, body)
 	}
-	if err := r.ParseForm(); err != nil || r.PostForm.Get("grant_type") != "refresh_token" {
+	body, err := io.ReadAll(r.Body)
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	if err == nil {
+		err = r.ParseForm()
+	}
+	if err != nil || r.PostForm.Get("grant_type") != "refresh_token" {
 		reply(400, `{"error":"unsupported_grant_type"}`)
 		return
 	}
@@ -102,7 +112,11 @@ func (e *tokenEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if rt != e.current {
-		reply(400, `{"error":"invalid_grant","error_description":"refresh token `+rt+` is not valid"}`)
+		quoted := rt
+		if e.echoBody {
+			quoted = string(body)
+		}
+		reply(400, `{"error":"invalid_grant","error_description":"refresh token `+quoted+` is not valid"}`)
 		return
 	}
 	e.grant[rt] = true
@@ -391,6 +405,40 @@ func TestRefreshInvalidGrantRequiresReauth(t *testing.T) {
 		if !strings.Contains(h.logs.String(), "invalid_grant") {
 			t.Errorf("the host log does not say why the refresh failed:\n%s", h.logs.String())
 		}
+	})
+}
+
+// F5: a provider that echoes the form body in its error sends the refresh
+// token back URL-encoded, and golang.org/x/oauth2 puts that text in its
+// error; the WARN log, at the default level, says why the refresh failed
+// but holds the refresh token in no form.
+func TestRefreshLogRedactsRefreshTokenEchoedURLEncoded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const rt = `fake-refresh/AB+cd=ef gh&ij"kl`
+		q, _ := jsontext.AppendQuote(nil, rt)
+		stored := mustToken(t, `{"access_token":"fake-access-0","refresh_token":`+string(q)+`}`)
+		h := newRefreshHarness(t, time.Hour, stored, Options{DisableRenewal: true})
+		h.endpoint.echoBody = true // and its current refresh token is another
+		if _, err := h.client.RefreshToken(context.Background(), "anthropic", ""); !errors.Is(err, ErrReauthRequired) {
+			t.Fatalf("RefreshToken with a rejected refresh token = %v", err)
+		}
+		var warn strings.Builder
+		for line := range strings.Lines(h.logs.String()) {
+			if strings.Contains(line, `"level":"WARN"`) {
+				warn.WriteString(line)
+			}
+		}
+		logged := warn.String()
+		if !strings.Contains(logged, "invalid_grant") || !strings.Contains(logged, "grant_type=refresh_token") {
+			t.Fatalf("no WARN line quotes the provider's echo of the form body:\n%s", h.logs.String())
+		}
+		// As it is, as the JSON log would escape it, and as the provider echoed it.
+		for _, form := range []string{rt, string(q[1 : len(q)-1]), url.QueryEscape(rt)} {
+			if strings.Contains(logged, form) {
+				t.Errorf("the WARN log holds the refresh token as %q:\n%s", form, logged)
+			}
+		}
+		noRefreshTokenIn(t, "the debug log", h.logs.String())
 	})
 }
 
