@@ -191,11 +191,15 @@ func (p Peer) LogValue() slog.Value {
 }
 
 // Token is an OAuth token as the host stores it: a JSON object with a
-// string access_token and any other members. The members the library reads
-// are refresh_token (string), expiry (number, Unix seconds), token_type and
+// string access_token and any other members, in the form PROTOCOL.md,
+// "Token format", describes. The members the library reads are
+// refresh_token (string), expiry (number, Unix seconds), token_type and
 // scope; every other member, such as account_id or id_token, is kept exactly
 // as it arrived (numbers are never rounded through float64), and a member is
 // present in the output if and only if it was present in the input.
+// [ParseToken] makes a Token of JSON, with an expiry in Unix seconds: it
+// converts an RFC 3339 expiry or an expires_in, and refuses an expiry in
+// milliseconds.
 //
 // A Token is immutable: its methods return new tokens and never change the
 // receiver, so it is safe to share between goroutines and stores need not
