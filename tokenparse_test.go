@@ -26,6 +26,21 @@ func wantTokenError(t *testing.T, what string, err error, msg string) {
 	}
 }
 
+// wantTokenJSON checks that err is nil and that tok reveals as want, and
+// reports whether both hold.
+func wantTokenJSON(t *testing.T, what string, tok Token, err error, want string) bool {
+	t.Helper()
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+		return false
+	}
+	if got := string(tok.Reveal()); got != want {
+		t.Errorf("%s = %s, want %s", what, got, want)
+		return false
+	}
+	return true
+}
+
 // Issue 13, finding 7: the JSON that Go's oauth2.Token marshals to, with
 // encoding/json, is a token: its RFC 3339 expiry becomes Unix seconds
 // (whole ones, rounded down), its "no expiry" zero time means no expiry,
@@ -48,13 +63,7 @@ func TestParseTokenReadsGoOAuth2JSON(t *testing.T) {
 			t.Fatal(err)
 		}
 		tok, err := ParseToken(js)
-		if err != nil {
-			t.Errorf("%s: ParseToken(%s): %v", tc.name, js, err)
-			continue
-		}
-		if got := string(tok.Reveal()); got != tc.want {
-			t.Errorf("%s: ParseToken(%s) = %s, want %s", tc.name, js, got, tc.want)
-		}
+		wantTokenJSON(t, tc.name+": ParseToken("+string(js)+")", tok, err, tc.want)
 	}
 }
 
@@ -76,13 +85,7 @@ func TestParseTokenExpiryUnits(t *testing.T) {
 	} {
 		js := `{"access_token":"fake-a","expiry":` + tc.in + `,"x":1}`
 		tok, err := ParseToken([]byte(js))
-		if err != nil {
-			t.Errorf("ParseToken(%s): %v", js, err)
-			continue
-		}
-		if got, want := string(tok.Reveal()), `{"access_token":"fake-a","expiry":`+tc.want+`,"x":1}`; got != want {
-			t.Errorf("ParseToken(%s) = %s, want %s", js, got, want)
-		}
+		wantTokenJSON(t, "ParseToken("+js+")", tok, err, `{"access_token":"fake-a","expiry":`+tc.want+`,"x":1}`)
 	}
 	for _, absent := range []string{`"0001-01-01T00:00:00Z"`, `"0001-01-01T00:00:00+00:00"`} {
 		tok, err := ParseToken([]byte(`{"access_token":"fake-a","expiry":` + absent + `}`))
@@ -131,13 +134,7 @@ func TestParseTokenConvertsExpiresIn(t *testing.T) {
 			{`{"access_token":"fake-a","expires_in":null}`, `{"access_token":"fake-a"}`},
 		} {
 			tok, err := ParseToken([]byte(tc.in))
-			if err != nil {
-				t.Errorf("ParseToken(%s): %v", tc.in, err)
-				continue
-			}
-			if got := string(tok.Reveal()); got != tc.want {
-				t.Errorf("ParseToken(%s) = %s, want %s", tc.in, got, tc.want)
-			}
+			wantTokenJSON(t, "ParseToken("+tc.in+")", tok, err, tc.want)
 		}
 		const msg = "expires_in must be a positive number of seconds, at most 10 years"
 		for _, bad := range []string{`0`, `-3600`, `-0.5`, `"3600"`, `true`, `315576001`, `1e400`, `[3600]`} {
