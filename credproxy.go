@@ -200,7 +200,8 @@ func (p Peer) LogValue() slog.Value {
 // [ParseToken] makes a Token of JSON, with an expiry in Unix seconds: it
 // converts an RFC 3339 expiry or an expires_in, and refuses an expiry in
 // milliseconds. [NewToken] makes one of values, and [TokenFromOAuth2] of
-// an oauth2.Token; [Token.OAuth2] converts the other way.
+// an oauth2.Token; [Token.OAuth2] converts the other way, and
+// [Client.TokenSource] serves a client's tokens as an oauth2.TokenSource.
 //
 // A Token is immutable: its methods return new tokens and never change the
 // receiver, so it is safe to share between goroutines and stores need not
