@@ -26,3 +26,20 @@ func TestTokenSetStoresUnixSeconds(t *testing.T) {
 		t.Errorf("a millisecond expiry: stderr %q", r.stderr)
 	}
 }
+
+// Issue 13, finding 7: the help says what a token looks like and where
+// the format is written down: PROTOCOL.md, "Token format".
+func TestHelpPointsToTheTokenFormat(t *testing.T) {
+	for _, args := range [][]string{{"help"}, {"token", "-help"}} {
+		r := credproxyCmd(t, hostEnv(t), "", args...)
+		if help := r.stdout + r.stderr; r.code != 0 || !strings.Contains(help, `PROTOCOL.md, "Token format"`) {
+			t.Errorf("credproxy %v: exit %d, output:\n%s", args, r.code, help)
+		}
+	}
+	r := credproxyCmd(t, hostEnv(t), "", "token", "-help")
+	for _, want := range []string{"access_token", "Unix seconds", "RFC 3339", "expires_in", "milliseconds"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("token -help does not mention %s:\n%s", want, r.stderr)
+		}
+	}
+}
