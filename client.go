@@ -600,7 +600,7 @@ func (c *Client) token(ctx context.Context, op Op, provider, bucket string) (Tok
 	if err != nil {
 		return Token{}, err
 	}
-	tok, err := ParseToken(data)
+	tok, err := parseTokenAsIs(data)
 	if err != nil {
 		return Token{}, errorf("%s: malformed token from server: %w", op, ErrInternal)
 	}

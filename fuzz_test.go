@@ -118,7 +118,7 @@ func handshakeOn(t *testing.T, srv *Server, ss *Session, frame []byte) (accepted
 func FuzzSanitizeMerge(f *testing.F) {
 	f.Add([]byte(anthropicToken), []byte(`{"access_token":"new","refresh_token":"rt-new","x":[1,{"refresh_token":"inner"}]}`))
 	f.Add([]byte(`{"access_token":"a","refresh_token":null}`), []byte(`{"access_token":"b","refresh_token":""}`))
-	f.Add([]byte(`{"refresh_token":"r","access_token":"r"}`), []byte(`{"access_token":"n","expiry":1e400}`))
+	f.Add([]byte(`{"refresh_token":"r","access_token":"r"}`), []byte(`{"access_token":"n","expiry":-1e400,"n":1e400}`))
 	f.Add([]byte(`{"access_token":"a","refresh_token":"\u0072t"}`), []byte(`{"access_token":"a","id_token":"rt"}`))
 	f.Fuzz(func(t *testing.T, storedJSON, incomingJSON []byte) {
 		stored, err1 := ParseToken(storedJSON)

@@ -230,12 +230,12 @@ func hostileCases() []hostile {
 			if got := r.recv(); got != `{"id":"123456789012345678901234567890123456789","ok":true,"data":{"exists":false}}` {
 				t.Errorf("a huge numeric id is not echoed digit for digit, as a string: %s", got)
 			}
-			r.send(`{"v":1,"id":"s","op":"save_token","payload":{"provider":"huge","token":{"access_token":"a","expiry":1e400,"n":-0.0e-999999}}}`)
+			r.send(`{"v":1,"id":"s","op":"save_token","payload":{"provider":"huge","token":{"access_token":"a","expiry":-1e400,"n":-0.0e-999999,"big":1e400}}}`)
 			if m := r.recvMap(); m["ok"] != true {
 				t.Errorf("a token with huge numbers: %v", m)
 			}
 			r.send(`{"v":1,"id":"g","op":"get_token","payload":{"provider":"huge"}}`)
-			if got := r.recv(); got != `{"id":"g","ok":true,"data":{"access_token":"a","expiry":1e400,"n":-0.0e-999999}}` {
+			if got := r.recv(); got != `{"id":"g","ok":true,"data":{"access_token":"a","expiry":-1e400,"n":-0.0e-999999,"big":1e400}}` {
 				t.Errorf("huge numbers did not pass through exactly: %s", got)
 			}
 			r.c.Close()

@@ -409,7 +409,7 @@ func (s *KeyringStore) GetToken(ctx context.Context, provider, bucket string) (T
 	if err != nil {
 		return Token{}, errorf("read token for provider %s bucket %s: %w", provider, bucket, err)
 	}
-	tok, err := ParseToken(data)
+	tok, err := parseTokenAsIs(data)
 	if err != nil {
 		return Token{}, errorf("stored token for provider %s bucket %s is damaged: %w", provider, bucket, err)
 	}

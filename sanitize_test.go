@@ -105,7 +105,7 @@ func TestParseToken(t *testing.T) {
 		{`{"access_token":""}`, "access_token must be a non-empty string"},
 		{`{"access_token":["` + secret + `"]}`, "access_token must be a non-empty string"},
 		{`{"access_token":"a","refresh_token":{"x":"` + secret + `"}}`, "refresh_token must be a string"},
-		{`{"access_token":"a","expiry":"` + secret + `"}`, "expiry must be a number"},
+		{`{"access_token":"a","expiry":"` + secret + `"}`, "expiry must be Unix seconds (a number) or an RFC 3339 time"},
 		{`{"access_token":"a","access_token":"b"}`, "duplicate member name"},
 		{`{"access_token":"a","x":{"y":1,"y":2}}`, "duplicate member name"},
 		{`{"access_token":"` + secret + `"`, "malformed JSON"},
@@ -140,8 +140,12 @@ func TestTokenAccessors(t *testing.T) {
 	if v2, _ := tok.Field("x"); string(v2) != `{"k":1}` {
 		t.Errorf("Field returned the token's own bytes")
 	}
-	if _, ok := mustToken(t, `{"access_token":"a","expiry":1e400}`).Expiry(); ok {
-		t.Error("Expiry of 1e400 reported ok")
+	for _, huge := range []string{"-1e400", "1e400"} { // 1e400 as an earlier version may have stored it
+		if tok, err := parseTokenAsIs([]byte(`{"access_token":"a","expiry":` + huge + `}`)); err != nil {
+			t.Error(err)
+		} else if _, ok := tok.Expiry(); ok {
+			t.Errorf("Expiry of %s reported ok", huge)
+		}
 	}
 	var zero Token
 	if !zero.IsZero() || zero.AccessToken() != "" || tokenJSON(t, zero) != "{}" {

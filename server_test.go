@@ -588,7 +588,7 @@ func TestInvalidPayloadsAreRefusedBeforeTheStore(t *testing.T) {
 		{"save_token", `{"provider":"anthropic","token":{"access_token":""}}`, "token: access_token must be a non-empty string"},
 		{"save_token", `{"provider":"anthropic","token":{"access_token":5}}`, "token: access_token must be a non-empty string"},
 		{"save_token", `{"provider":"anthropic","token":{"access_token":"a","refresh_token":5}}`, "token: refresh_token must be a string"},
-		{"save_token", `{"provider":"anthropic","token":{"access_token":"a","expiry":"` + secretish + `"}}`, "token: expiry must be a number"},
+		{"save_token", `{"provider":"anthropic","token":{"access_token":"a","expiry":"` + secretish + `"}}`, "token: expiry must be Unix seconds (a number) or an RFC 3339 time"},
 		{"list_buckets", `{}`, "provider is required"},
 		{"list_buckets", `{"provider":"anthropic","bucket":"default"}`, `unknown payload member "bucket"`},
 		{"get_api_key", `{"name":"` + secretish + `!"}`, "name must match ^[A-Za-z0-9._@-]{1,64}$"},

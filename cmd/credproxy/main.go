@@ -44,7 +44,9 @@ name, and nothing else, and may change nothing unless -allow-write is given.
 The store is the host's keyring store (see CREDPROXY_KEYRING_BACKEND and
 CREDPROXY_KEYRING_PASSWORD); with LLXPRT_CREDENTIAL_SOCKET set, token and key
 commands go through the proxy instead, presenting the capability token found
-on file descriptor 3 (LLXPRT_CAPABILITY_FD=3).
+on file descriptor 3 (LLXPRT_CAPABILITY_FD=3). Tokens are JSON objects:
+'credproxy token -help' says what they hold, and PROTOCOL.md, "Token format",
+in the credproxy source, has the rules.
 `
 
 // Exit codes besides the command's own: 1 for an error, 2 for a usage

@@ -20,7 +20,13 @@ const tokenSynopsis = `Usage:
 On the host these work on the keyring store; with LLXPRT_CREDENTIAL_SOCKET set
 (in a sandbox) they go through the proxy, which never returns a refresh token
 and keeps its own when a token is set. The token is read from stdin, never
-from the command line, where ps would show it.`
+from the command line, where ps would show it.
+
+A token is a JSON object: access_token (required), refresh_token, expiry,
+token_type, scope, and any other member, which is kept as it is. expiry is
+Unix seconds; set converts an RFC 3339 time (as Go's oauth2.Token writes it)
+and an expires_in (seconds from now) to it, and refuses milliseconds.
+PROTOCOL.md, "Token format", in the credproxy source has the rules.`
 
 const tokenExample = `  credproxy token set anthropic < token.json
   credproxy token get anthropic | jq -r .access_token`
