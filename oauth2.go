@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/go-json-experiment/json/jsontext"
 	"golang.org/x/oauth2"
 )
 
@@ -150,30 +149,9 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	return 0
 }
 
-// tokenFromOAuth2 converts an oauth2.Token to a Token.
+// tokenFromOAuth2 converts the token endpoint's answer to a Token.
 func tokenFromOAuth2(t *oauth2.Token) (Token, error) {
-	var b []byte
-	b = append(b, `{"access_token":`...)
-	b, _ = jsontext.AppendQuote(b, t.AccessToken)
-	if t.TokenType != "" {
-		b = append(b, `,"token_type":`...)
-		b, _ = jsontext.AppendQuote(b, t.TokenType)
-	}
-	if !t.Expiry.IsZero() {
-		b = append(b, `,"expiry":`...)
-		b = strconv.AppendInt(b, t.Expiry.Unix(), 10)
-	}
-	if t.RefreshToken != "" {
-		b = append(b, `,"refresh_token":`...)
-		b, _ = jsontext.AppendQuote(b, t.RefreshToken)
-	}
-	for _, name := range []string{"scope", "id_token"} {
-		if v, ok := t.Extra(name).(string); ok {
-			b = append(b, `,"`+name+`":`...)
-			b, _ = jsontext.AppendQuote(b, v)
-		}
-	}
-	tok, err := ParseToken(append(b, '}'))
+	tok, err := TokenFromOAuth2(t)
 	if err != nil {
 		return Token{}, fmt.Errorf("credproxy: token endpoint response: %w", err)
 	}

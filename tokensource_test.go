@@ -137,7 +137,8 @@ func unixIn(d time.Duration) string { return strconv.FormatInt(time.Now().Add(d)
 // since been given, and until then the refresh error.
 func TestTokenSourceRefreshesAfterUnauthorized(t *testing.T) {
 	h := newSourceHarness(t, NewMemoryStore())
-	h.save(t, "anthropic", `{"access_token":"fake-access-0","refresh_token":"`+fakeRefresh+`"}`)
+	// Valid for another hour: the 401 is what says it stopped working.
+	h.store.SaveToken(context.Background(), "anthropic", "", expiringToken(t, time.Hour))
 	h.save(t, "openai", `{"access_token":"fake-open-1"}`)
 	src := h.client.TokenSource(t.Context(), "anthropic", "", TokenSourceOptions{})
 	h.wantAccess(t, "before", src, "fake-access-0", 1, 0)
