@@ -80,7 +80,10 @@ type Client struct {
 	opts ClientOptions
 	dial func(ctx context.Context) (net.Conn, error)
 
-	connecting sync.Mutex    // serialises dial and handshake
+	// connecting holds a token while a call dials and handshakes; a
+	// channel, not a mutex, so that a call waiting its turn gives up when
+	// its context ends.
+	connecting chan struct{}
 	slots      chan struct{} // one token per call in flight
 
 	mu     sync.Mutex
@@ -124,7 +127,8 @@ func NewClient(path string, opts ClientOptions) *Client {
 	setDefault(&opts.RequestTimeout, DefaultRequestTimeout)
 	setDefault(&opts.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&opts.MaxInFlight, DefaultMaxInFlight)
-	c := &Client{path: path, opts: opts, dial: opts.dial, slots: make(chan struct{}, opts.MaxInFlight)}
+	c := &Client{path: path, opts: opts, dial: opts.dial,
+		connecting: make(chan struct{}, 1), slots: make(chan struct{}, opts.MaxInFlight)}
 	if c.dial == nil {
 		c.dial = func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
@@ -248,13 +252,20 @@ func (e *RemoteError) Is(target error) bool {
 // connect returns the current connection, dialling and handshaking if
 // there is none.
 func (c *Client) connect(ctx context.Context) (*clientConn, error) {
-	c.connecting.Lock()
-	defer c.connecting.Unlock()
+	select {
+	case c.connecting <- struct{}{}:
+		defer func() { <-c.connecting }()
+	case <-ctx.Done():
+		return nil, errorf("connect to the credential proxy at %s: %w", c.path, ctx.Err())
+	}
 	c.mu.Lock()
 	cc, err := c.currentLocked()
 	c.mu.Unlock()
 	if cc != nil || err != nil {
 		return cc, err
+	}
+	if ctx.Err() != nil { // sent nothing yet: not even the handshake
+		return nil, errorf("connect to the credential proxy at %s: %w", c.path, ctx.Err())
 	}
 
 	nc, err := c.dial(ctx)
@@ -362,9 +373,15 @@ func handshake(ctx context.Context, nc net.Conn, token Secret) error {
 
 // contextOr returns ctx's error if ctx has ended, since a deadline or
 // cancellation is the real cause of an I/O error then, and err otherwise.
+// An I/O deadline met at or after ctx's deadline is ctx's, which the
+// connection's deadline copies: context.DeadlineExceeded, even if ctx's
+// own timer has not fired yet.
 func contextOr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
+	}
+	if dl, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
 	}
 	return err
 }
@@ -463,14 +480,43 @@ func responseID(raw jsontext.Value) (string, bool) {
 
 // call sends one request and waits for its response. It returns the data
 // object of a success, or the error.
+//
+// A call whose context ends fails with the same error whatever it was
+// doing (waiting for a slot, connecting, writing, waiting for the
+// response): "credproxy: <op>: " and the context's error, which it wraps.
+// A call whose context has ended is never sent: select picks at random
+// among ready cases, so a call can get through every wait with its
+// context ended, and the write checks once more.
 func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Value, error) {
+	if ctx.Err() != nil {
+		return nil, ctxError(op, ctx.Err())
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
 	defer cancel()
+	data, err := c.send(ctx, op, payload)
+	var re *RemoteError
+	switch {
+	case err == nil || errors.As(err, &re): // the server's answer
+	case ctx.Err() != nil: // the real cause of any other error then
+		err = ctxError(op, ctx.Err())
+	case errors.Is(err, context.DeadlineExceeded): // as I/O met it, a moment before the context did
+		err = ctxError(op, context.DeadlineExceeded)
+	}
+	return data, err
+}
+
+// ctxError is the error of a call to op whose context ended with cause.
+func ctxError(op Op, cause error) error {
+	return errorf("%s: %w", op, cause)
+}
+
+// send sends one request on a free slot and waits for its response.
+func (c *Client) send(ctx context.Context, op Op, payload []byte) (jsontext.Value, error) {
 	select {
 	case c.slots <- struct{}{}:
 		defer func() { <-c.slots }()
 	case <-ctx.Done():
-		return nil, errorf("%s: waiting for a free slot: %w", op, ctx.Err())
+		return nil, ctx.Err()
 	}
 
 	ch := make(chan callResult, 1)
@@ -487,6 +533,7 @@ func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Valu
 	frame = append(frame, payload...)
 	frame = append(frame, '}')
 	if err := c.write(ctx, cc, frame); err != nil {
+		c.unregister(cc, id)
 		return nil, err
 	}
 
@@ -508,15 +555,21 @@ func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Valu
 		}
 		return r.resp.Data, nil
 	case <-ctx.Done():
-		c.mu.Lock()
-		if cc.pending != nil {
-			delete(cc.pending, id)
-			if len(cc.pending) == 0 && c.cc == cc {
-				c.armIdleLocked(cc)
-			}
+		c.unregister(cc, id)
+		return nil, ctx.Err()
+	}
+}
+
+// unregister forgets the pending call id of cc, which will not wait for
+// its response.
+func (c *Client) unregister(cc *clientConn, id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cc.pending != nil {
+		delete(cc.pending, id)
+		if len(cc.pending) == 0 && c.cc == cc {
+			c.armIdleLocked(cc)
 		}
-		c.mu.Unlock()
-		return nil, errorf("%s: %w", op, ctx.Err())
 	}
 }
 
@@ -556,15 +609,18 @@ func (c *Client) write(ctx context.Context, cc *clientConn, frame []byte) error 
 	select {
 	case cc.writing <- struct{}{}:
 	case <-ctx.Done():
-		return errorf("write request: %w", ctx.Err())
+		return ctx.Err()
 	}
 	defer func() { <-cc.writing }()
+	if err := ctx.Err(); err != nil { // select may have chosen the turn over the ended context
+		return err
+	}
 	dl, _ := ctx.Deadline()
 	cc.nc.SetWriteDeadline(dl)
 	if _, err := cc.nc.Write(frame); err != nil {
 		cc.nc.Close()
-		if ctx.Err() != nil {
-			return errorf("write request: %w", ctx.Err())
+		if err = contextOr(ctx, err); errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			return err
 		}
 		return ErrConnectionLost
 	}
