@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -77,6 +78,9 @@ func TestClientReportsACanceledCallTheSameAtEveryStage(t *testing.T) {
 		{name: "connecting, behind another call's handshake", serve: silent, busy: true},
 		{name: "waiting for a free slot", opts: ClientOptions{MaxInFlight: 1}, serve: afterHandshake(silent), busy: true},
 		{name: "waiting for the response", serve: afterHandshake(silent)},
+		{name: "waiting to retry", serve: answerEach(new(atomic.Int32), func(_ int, req request) string {
+			return rateLimited(req, 5)
+		})},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {

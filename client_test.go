@@ -209,9 +209,10 @@ func TestRemoteErrorsMatchSentinels(t *testing.T) {
 	if errors.Is(&RemoteError{Code: "SOMETHING_NEW"}, ErrInternal) {
 		t.Error("an unknown code matched ErrInternal")
 	}
-	// Over the wire, with the retry delay.
+	// Over the wire, with the retry delay (which a client that retries
+	// would wait out).
 	_, path := startServer(t, Options{Store: defaultStore(t), RateLimit: 1, RateBurst: 1})
-	c := newTestClient(t, path, ClientOptions{})
+	c := newTestClient(t, path, ClientOptions{NoRateLimitRetry: true})
 	c.HasAPIKey(context.Background(), "openai")
 	_, err := c.HasAPIKey(context.Background(), "openai")
 	var re *RemoteError
