@@ -258,7 +258,8 @@ var errClientClosed error = closedError{}
 // RemoteError is a failure the server reported. Its Is method matches the
 // sentinel error of its code (CodeNotFound matches [ErrNotFound], and so
 // on), and errors.As recovers it to tell a remote error from a transport
-// one.
+// one. A RemoteError is a plain value: safe to read from any goroutine,
+// and its zero value (no code) matches [ErrInternal].
 type RemoteError struct {
 	Op      Op
 	Code    Code
@@ -273,10 +274,18 @@ func (e *RemoteError) Error() string {
 	return "credproxy: " + string(e.Op) + ": " + e.Message + " (" + string(e.Code) + ")"
 }
 
-// Is reports whether target is the sentinel error for e.Code.
+// Is reports whether target is the sentinel error for e.Code. Codes that
+// other implementations of the protocol send match the nearest sentinel:
+// FORBIDDEN, PERMISSION_DENIED and ACCESS_DENIED match [ErrDenied];
+// INVALID_PARAM and UNKNOWN_OP [ErrInvalidRequest]; HOST_AUTH_REQUIRED
+// [ErrReauthRequired]; PROVIDER_NOT_CONFIGURED [ErrProviderNotFound];
+// SESSION_NOT_FOUND, SESSION_EXPIRED and SESSION_ALREADY_USED (a login
+// session the host no longer has) [ErrNotFound]; CANCELLED
+// context.Canceled. Every other code, REFRESH_FAILED and codes nobody
+// defines included, matches [ErrInternal]: the server could not complete
+// the request.
 func (e *RemoteError) Is(target error) bool {
-	s := e.Code.sentinel()
-	return s != nil && s == target
+	return e.Code.sentinel() == target
 }
 
 // connect returns the current connection, dialling and handshaking if

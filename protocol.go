@@ -17,6 +17,7 @@ package credproxy
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -91,31 +92,44 @@ const (
 	CodeProviderNotFound    Code = "PROVIDER_NOT_FOUND"
 )
 
-// sentinel returns the package error for c, or nil for an unknown code.
+// sentinel returns the package error for c. The codes other
+// implementations send (the reference project's hosts, whose protocol
+// version 2 adds login over the socket and a GitHub broker) map to the
+// nearest sentinel, and a code nobody defines to ErrInternal, the
+// catch-all: the server could not complete the request (PROTOCOL.md,
+// "Responses").
 func (c Code) sentinel() error {
 	switch c {
-	case CodeNotFound:
+	case CodeNotFound,
+		// A login session the host no longer has: it drops an expired
+		// one at once (the next request for it gets SESSION_NOT_FOUND),
+		// and a used one when it next sweeps, so one sentinel for the
+		// three keeps the answer from depending on timing.
+		"SESSION_NOT_FOUND", "SESSION_EXPIRED", "SESSION_ALREADY_USED":
 		return ErrNotFound
-	case CodeInvalidRequest:
+	case CodeInvalidRequest, "INVALID_PARAM", "UNKNOWN_OP":
 		return ErrInvalidRequest
-	case CodeUnauthorized:
+	case CodeUnauthorized, "FORBIDDEN", "PERMISSION_DENIED", "ACCESS_DENIED":
 		return ErrDenied
 	case CodeRateLimited:
 		return ErrRateLimited
-	case CodeInternalError:
-		return ErrInternal
 	case CodeUnknownVersion:
 		return ErrUnknownVersion
 	case CodeResourceExhausted:
 		return ErrResourceExhausted
 	case CodeRefreshNotAvailable:
 		return ErrRefreshNotAvailable
-	case CodeReauthRequired:
+	case CodeReauthRequired, "HOST_AUTH_REQUIRED":
 		return ErrReauthRequired
-	case CodeProviderNotFound:
+	case CodeProviderNotFound, "PROVIDER_NOT_CONFIGURED":
 		return ErrProviderNotFound
+	case "CANCELLED": // the host cancelled the operation
+		return context.Canceled
 	}
-	return nil
+	// INTERNAL_ERROR, and REFRESH_FAILED, EXCHANGE_FAILED, POLL_FAILED,
+	// FLOW_INITIATION_FAILED, RESPONSE_TOO_LARGE, GITHUB_ERROR,
+	// HOST_GH_UNAVAILABLE and any code not named here.
+	return ErrInternal
 }
 
 // errEmptyFrame is returned by readFrame for a zero-length header.
