@@ -267,6 +267,14 @@ type RemoteError struct {
 
 	// RetryAfter is set for CodeRateLimited.
 	RetryAfter time.Duration
+
+	// Denied is, for a refusal, the kind of thing refused, as the
+	// response's "denied" member names it: "provider", "bucket",
+	// "api_key", "read_only" or "new_token_limit", for which Is matches
+	// [ErrProviderDenied], [ErrBucketDenied], [ErrKeyDenied], [ErrReadOnly]
+	// and [ErrNewTokenLimit] (as well as [ErrDenied]). It is empty when
+	// the server named no kind.
+	Denied string
 }
 
 // Error returns "credproxy: <op>: <message> (<code>)".
@@ -283,9 +291,14 @@ func (e *RemoteError) Error() string {
 // session the host no longer has) [ErrNotFound]; CANCELLED
 // context.Canceled. Every other code, REFRESH_FAILED and codes nobody
 // defines included, matches [ErrInternal]: the server could not complete
-// the request.
+// the request. A refusal that names its kind (see Denied) also matches
+// that kind's sentinel.
 func (e *RemoteError) Is(target error) bool {
-	return e.Code.sentinel() == target
+	s := e.Code.sentinel()
+	if d, ok := target.(*denial); ok {
+		return s == ErrDenied && e.Denied != "" && e.Denied == d.kind
+	}
+	return s == target
 }
 
 // connect returns the current connection, dialling and handshaking if
@@ -668,7 +681,8 @@ func (c *Client) send(ctx context.Context, op Op, payload []byte) (jsontext.Valu
 			return nil, r.err
 		}
 		if !r.resp.OK {
-			re := &RemoteError{Op: op, Code: r.resp.Code, Message: r.resp.Error, RetryAfter: seconds(r.resp.RetryAfter)}
+			re := &RemoteError{Op: op, Code: r.resp.Code, Message: r.resp.Error, RetryAfter: seconds(r.resp.RetryAfter),
+				Denied: r.resp.deniedKind()}
 			if re.Code == CodeRateLimited && c.retries(op) {
 				c.holdFor(re.RetryAfter)
 			}

@@ -270,6 +270,38 @@ func TestClientMapsOtherImplementationsCodes(t *testing.T) {
 	}
 }
 
+// F6: a "denied" member that is not a string names no kind, and does not
+// make the response malformed: the connection goes on.
+func TestClientIgnoresADeniedMemberOfAnotherType(t *testing.T) {
+	path := fakeServer(t, func(c net.Conn) {
+		for _, answer := range []string{
+			`{"id":%q,"ok":false,"code":"UNAUTHORIZED","error":"fake-message","denied":{"kind":"provider"}}`,
+			`{"id":%q,"ok":false,"code":"UNAUTHORIZED","error":"fake-message","denied":"provider"}`,
+			`{"id":%q,"ok":true,"data":{"exists":true}}`,
+		} {
+			frame, err := readFrame(c, nil)
+			if err != nil {
+				return
+			}
+			req, _ := decodeRequest(frame)
+			writeFrame(c, fmt.Appendf(nil, answer, req.id))
+		}
+		readFrame(c, nil) // hold the connection until the client closes
+	})
+	c := newTestClient(t, path, ClientOptions{})
+	_, err := c.HasAPIKey(t.Context(), "openai")
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Denied != "" || !errors.Is(err, ErrDenied) || errors.Is(err, ErrProviderDenied) {
+		t.Errorf("with an object for denied: %v (%+v), want UNAUTHORIZED of no kind", err, re)
+	}
+	if _, err := c.HasAPIKey(t.Context(), "openai"); !errors.Is(err, ErrProviderDenied) {
+		t.Errorf("with denied \"provider\": %v, want ErrProviderDenied", err)
+	}
+	if ok, err := c.HasAPIKey(t.Context(), "openai"); err != nil || !ok {
+		t.Errorf("next call: %v, %v; want the connection in sync", ok, err)
+	}
+}
+
 // R2, R10: the client is a Store; the writes the protocol does not carry
 // fail with the spec's message.
 func TestClientRefusesAPIKeyWrites(t *testing.T) {

@@ -355,7 +355,7 @@ func answerEach(received *atomic.Int32, answer func(n int, req request) string) 
 // rateLimited is the failure response to req with code RATE_LIMITED and
 // retryAfter seconds.
 func rateLimited(req request, retryAfter int) string {
-	return string(appendFailure(nil, req.id, CodeRateLimited, "rate limit exceeded", retryAfter))
+	return string(appendFailure(nil, req.id, &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter))
 }
 
 // okResponse is the success response to req with data.
