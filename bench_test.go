@@ -229,3 +229,45 @@ func startFloorServer(b *testing.B, response []byte) string {
 	})
 	return ln.Addr().String()
 }
+
+// BenchmarkClient measures Client calls over a real Unix socket (rate
+// limit off), get_token and has_api_key, one caller and 16 callers sharing
+// the client. The allocations reported are the whole process's: the
+// client's and the server's (one per request, see BenchmarkGetToken); a
+// get_token's include parsing the token, has_api_key's show the call
+// itself.
+func BenchmarkClient(b *testing.B) {
+	for _, op := range []Op{OpGetToken, OpHasAPIKey} {
+		for _, callers := range []int{1, 16} {
+			b.Run(fmt.Sprintf("%s/callers=%d", op, callers), func(b *testing.B) {
+				st := NewMemoryStore()
+				st.SaveToken(context.Background(), "anthropic", "", mustToken(b, anthropicToken))
+				st.SaveAPIKey(context.Background(), "openai", fakeAPIKey)
+				_, path := startServer(b, Options{Store: st, RateLimit: -1})
+				c := newTestClient(b, path, ClientOptions{})
+				call := func() error {
+					if op == OpGetToken {
+						_, err := c.GetToken(context.Background(), "anthropic", "")
+						return err
+					}
+					_, err := c.HasAPIKey(context.Background(), "openai")
+					return err
+				}
+				if err := call(); err != nil {
+					b.Fatal(err)
+				}
+				b.ReportAllocs()
+				b.SetParallelism(max(1, callers/runtime.GOMAXPROCS(0)))
+				b.ResetTimer()
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						if err := call(); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-json-experiment/json"
@@ -24,8 +25,8 @@ const (
 
 // ClientOptions configures a [Client]. The zero value gives the defaults.
 type ClientOptions struct {
-	// RequestTimeout bounds each call, on top of the caller's context.
-	// Zero means 30s.
+	// RequestTimeout bounds each call, on top of the caller's context,
+	// waits for the server's rate limit included. Zero means 30s.
 	RequestTimeout time.Duration
 
 	// IdleTimeout is how long a connection with no call pending stays
@@ -60,6 +61,21 @@ type ClientOptions struct {
 	// process of another user that took the socket's path gets nothing.
 	ServerUIDs []int
 
+	// NoRateLimitRetry turns off waiting for the server's rate limit
+	// (PROTOCOL.md, "Responses"). By default, a read (get_token,
+	// get_api_key, has_api_key, get_bucket_stats and the lists) that the
+	// server refuses with RATE_LIMITED waits the retryAfter the server
+	// gave and is sent again, for as long as the wait ends before the
+	// call's deadline (its context's, or RequestTimeout's); a wait that
+	// would not fails the call at once with the server's error. Meanwhile
+	// the client's other calls, writes included, wait for the same moment
+	// before they are sent, unless their deadline comes first, so that a
+	// busy client does not send what the server would refuse. Writes and
+	// refresh_token are never sent twice. With NoRateLimitRetry set, every
+	// call is sent at once, and RATE_LIMITED is returned as a
+	// [*RemoteError] with RetryAfter set.
+	NoRateLimitRetry bool
+
 	// dial replaces the Unix socket dialer in tests.
 	dial func(ctx context.Context) (net.Conn, error)
 }
@@ -73,15 +89,32 @@ type ClientOptions struct {
 //
 // Errors the server reports are [*RemoteError] values, which match the
 // package's sentinel errors: errors.Is(err, ErrNotFound) works as it does
-// with a local Store. If the connection breaks, every pending call fails at
-// once with [ErrConnectionLost] and nothing is retried.
+// with a local Store. A read refused by the server's rate limit is sent
+// again once the server allows, within the call's context (see
+// [ClientOptions].NoRateLimitRetry); nothing else is sent twice. If the
+// connection breaks, every pending call fails at once with
+// [ErrConnectionLost]. A call whose context ends fails with an error
+// wrapping the context's, whatever it was doing, and a call whose context
+// has already ended is not sent.
+//
+// The zero Client is not usable: make one with [NewClient], [Dial] or
+// [NewClientFromEnv].
 type Client struct {
 	path string
 	opts ClientOptions
 	dial func(ctx context.Context) (net.Conn, error)
 
-	connecting sync.Mutex    // serialises dial and handshake
+	// connecting holds a token while a call dials and handshakes; a
+	// channel, not a mutex, so that a call waiting its turn gives up when
+	// its context ends.
+	connecting chan struct{}
 	slots      chan struct{} // one token per call in flight
+
+	// hold is when, in nanoseconds since epoch, the server will take
+	// requests again after it refused a read with RATE_LIMITED; calls wait
+	// for it before they are sent. Zero: no read was refused.
+	epoch time.Time
+	hold  atomic.Int64
 
 	mu     sync.Mutex
 	cc     *clientConn // current connection, or nil
@@ -124,7 +157,8 @@ func NewClient(path string, opts ClientOptions) *Client {
 	setDefault(&opts.RequestTimeout, DefaultRequestTimeout)
 	setDefault(&opts.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&opts.MaxInFlight, DefaultMaxInFlight)
-	c := &Client{path: path, opts: opts, dial: opts.dial, slots: make(chan struct{}, opts.MaxInFlight)}
+	c := &Client{path: path, opts: opts, dial: opts.dial, epoch: time.Now(),
+		connecting: make(chan struct{}, 1), slots: make(chan struct{}, opts.MaxInFlight)}
 	if c.dial == nil {
 		c.dial = func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
@@ -224,7 +258,8 @@ var errClientClosed error = closedError{}
 // RemoteError is a failure the server reported. Its Is method matches the
 // sentinel error of its code (CodeNotFound matches [ErrNotFound], and so
 // on), and errors.As recovers it to tell a remote error from a transport
-// one.
+// one. A RemoteError is a plain value: safe to read from any goroutine,
+// and its zero value (no code) matches [ErrInternal].
 type RemoteError struct {
 	Op      Op
 	Code    Code
@@ -232,6 +267,14 @@ type RemoteError struct {
 
 	// RetryAfter is set for CodeRateLimited.
 	RetryAfter time.Duration
+
+	// Denied is, for a refusal, the kind of thing refused, as the
+	// response's "denied" member names it: "provider", "bucket",
+	// "api_key", "read_only" or "new_token_limit", for which Is matches
+	// [ErrProviderDenied], [ErrBucketDenied], [ErrKeyDenied], [ErrReadOnly]
+	// and [ErrNewTokenLimit] (as well as [ErrDenied]). It is empty when
+	// the server named no kind.
+	Denied string
 }
 
 // Error returns "credproxy: <op>: <message> (<code>)".
@@ -239,22 +282,42 @@ func (e *RemoteError) Error() string {
 	return "credproxy: " + string(e.Op) + ": " + e.Message + " (" + string(e.Code) + ")"
 }
 
-// Is reports whether target is the sentinel error for e.Code.
+// Is reports whether target is the sentinel error for e.Code. Codes that
+// other implementations of the protocol send match the nearest sentinel:
+// FORBIDDEN, PERMISSION_DENIED and ACCESS_DENIED match [ErrDenied];
+// INVALID_PARAM and UNKNOWN_OP [ErrInvalidRequest]; HOST_AUTH_REQUIRED
+// [ErrReauthRequired]; PROVIDER_NOT_CONFIGURED [ErrProviderNotFound];
+// SESSION_NOT_FOUND, SESSION_EXPIRED and SESSION_ALREADY_USED (a login
+// session the host no longer has) [ErrNotFound]; CANCELLED
+// context.Canceled. Every other code, REFRESH_FAILED and codes nobody
+// defines included, matches [ErrInternal]: the server could not complete
+// the request. A refusal that names its kind (see Denied) also matches
+// that kind's sentinel.
 func (e *RemoteError) Is(target error) bool {
 	s := e.Code.sentinel()
-	return s != nil && s == target
+	if d, ok := target.(*denial); ok {
+		return s == ErrDenied && e.Denied != "" && e.Denied == d.kind
+	}
+	return s == target
 }
 
 // connect returns the current connection, dialling and handshaking if
 // there is none.
 func (c *Client) connect(ctx context.Context) (*clientConn, error) {
-	c.connecting.Lock()
-	defer c.connecting.Unlock()
+	select {
+	case c.connecting <- struct{}{}:
+		defer func() { <-c.connecting }()
+	case <-ctx.Done():
+		return nil, errorf("connect to the credential proxy at %s: %w", c.path, ctx.Err())
+	}
 	c.mu.Lock()
 	cc, err := c.currentLocked()
 	c.mu.Unlock()
 	if cc != nil || err != nil {
 		return cc, err
+	}
+	if ctx.Err() != nil { // sent nothing yet: not even the handshake
+		return nil, errorf("connect to the credential proxy at %s: %w", c.path, ctx.Err())
 	}
 
 	nc, err := c.dial(ctx)
@@ -362,9 +425,15 @@ func handshake(ctx context.Context, nc net.Conn, token Secret) error {
 
 // contextOr returns ctx's error if ctx has ended, since a deadline or
 // cancellation is the real cause of an I/O error then, and err otherwise.
+// An I/O deadline met at or after ctx's deadline is ctx's, which the
+// connection's deadline copies: context.DeadlineExceeded, even if ctx's
+// own timer has not fired yet.
 func contextOr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
+	}
+	if dl, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
 	}
 	return err
 }
@@ -463,15 +532,130 @@ func responseID(raw jsontext.Value) (string, bool) {
 
 // call sends one request and waits for its response. It returns the data
 // object of a success, or the error.
+//
+// A call whose context ends fails with the same error whatever it was
+// doing (waiting for a slot, connecting, writing, waiting for the
+// response): "credproxy: <op>: " and the context's error, which it wraps.
+// A call whose context has ended is never sent: select picks at random
+// among ready cases, so a call can get through every wait with its
+// context ended, and the write checks once more.
 func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Value, error) {
+	if ctx.Err() != nil {
+		return nil, ctxError(op, ctx.Err())
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
 	defer cancel()
-	select {
-	case c.slots <- struct{}{}:
-		defer func() { <-c.slots }()
-	case <-ctx.Done():
-		return nil, errorf("%s: waiting for a free slot: %w", op, ctx.Err())
+	for {
+		data, err := c.send(ctx, op, payload)
+		if err == nil {
+			return data, nil
+		}
+		if err, retry := c.failed(ctx, op, err); !retry {
+			return nil, err
+		}
 	}
+}
+
+// failed returns the error of a call to op that failed with err, or
+// reports that the call is to be sent again. (A function of its own: the
+// errors.As target would cost the success path an allocation.)
+func (c *Client) failed(ctx context.Context, op Op, err error) (_ error, retry bool) {
+	var re *RemoteError
+	switch {
+	case errors.As(err, &re): // the server's answer
+		_, fits := c.holdLeft(ctx)
+		return err, re.Code == CodeRateLimited && c.retries(op) && fits // send waits for the hold
+	case ctx.Err() != nil: // the real cause of any other error then
+		return ctxError(op, ctx.Err()), false
+	case errors.Is(err, context.DeadlineExceeded): // as I/O met it, a moment before the context did
+		return ctxError(op, context.DeadlineExceeded), false
+	}
+	return err, false
+}
+
+// retries reports whether the client sends op again after RATE_LIMITED:
+// whether it is a read, unless NoRateLimitRetry is set.
+func (c *Client) retries(op Op) bool {
+	switch op {
+	case OpGetToken, OpGetAPIKey, OpHasAPIKey, OpGetBucketStats, OpListProviders, OpListBuckets, OpListAPIKeys:
+		return !c.opts.NoRateLimitRetry
+	}
+	return false
+}
+
+// holdFor holds the client's calls back for d, at least a second (the
+// protocol's least retryAfter), from now.
+func (c *Client) holdFor(d time.Duration) {
+	until := int64(time.Since(c.epoch) + max(d, time.Second))
+	for {
+		h := c.hold.Load()
+		if h >= until || c.hold.CompareAndSwap(h, until) {
+			return
+		}
+	}
+}
+
+// holdLeft returns how long the hold has yet to run, and whether it ends
+// before ctx's deadline.
+func (c *Client) holdLeft(ctx context.Context) (left time.Duration, fits bool) {
+	h := c.hold.Load()
+	if h == 0 {
+		return 0, true
+	}
+	now := time.Now()
+	left = max(0, time.Duration(h)-now.Sub(c.epoch))
+	dl, ok := ctx.Deadline()
+	return left, !ok || now.Add(left).Before(dl)
+}
+
+// sleep waits for d or the end of ctx, and then returns ctx's error.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// seconds converts a response's retryAfter, capped at a day so that no
+// value overflows a Duration.
+func seconds(s float64) time.Duration {
+	if !(s > 0) {
+		return 0
+	}
+	return time.Duration(min(s, 86400) * float64(time.Second))
+}
+
+// ctxError is the error of a call to op whose context ended with cause.
+func ctxError(op Op, cause error) error {
+	return errorf("%s: %w", op, cause)
+}
+
+// send sends one request on a free slot, once the hold has run if it
+// ends before ctx's deadline, and waits for its response.
+func (c *Client) send(ctx context.Context, op Op, payload []byte) (jsontext.Value, error) {
+	for {
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		// The hold is read with a slot taken: a read refused with
+		// RATE_LIMITED sets it before it frees its slot, so a call that
+		// gets the slot sees it.
+		left, fits := c.holdLeft(ctx)
+		if left == 0 || !fits {
+			break
+		}
+		<-c.slots // no slot is kept while waiting
+		if err := sleep(ctx, left); err != nil {
+			return nil, err
+		}
+	}
+	defer func() { <-c.slots }()
 
 	ch := make(chan callResult, 1)
 	cc, id, err := c.register(ctx, ch)
@@ -487,6 +671,7 @@ func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Valu
 	frame = append(frame, payload...)
 	frame = append(frame, '}')
 	if err := c.write(ctx, cc, frame); err != nil {
+		c.unregister(cc, id)
 		return nil, err
 	}
 
@@ -496,27 +681,33 @@ func (c *Client) call(ctx context.Context, op Op, payload []byte) (jsontext.Valu
 			return nil, r.err
 		}
 		if !r.resp.OK {
-			return nil, &RemoteError{
-				Op:         op,
-				Code:       r.resp.Code,
-				Message:    r.resp.Error,
-				RetryAfter: time.Duration(r.resp.RetryAfter * float64(time.Second)),
+			re := &RemoteError{Op: op, Code: r.resp.Code, Message: r.resp.Error, RetryAfter: seconds(r.resp.RetryAfter),
+				Denied: r.resp.deniedKind()}
+			if re.Code == CodeRateLimited && c.retries(op) {
+				c.holdFor(re.RetryAfter)
 			}
+			return nil, re
 		}
 		if r.resp.Data.Kind() != '{' {
 			return nil, errorf("%s: response has no data object: %w", op, ErrInternal)
 		}
 		return r.resp.Data, nil
 	case <-ctx.Done():
-		c.mu.Lock()
-		if cc.pending != nil {
-			delete(cc.pending, id)
-			if len(cc.pending) == 0 && c.cc == cc {
-				c.armIdleLocked(cc)
-			}
+		c.unregister(cc, id)
+		return nil, ctx.Err()
+	}
+}
+
+// unregister forgets the pending call id of cc, which will not wait for
+// its response.
+func (c *Client) unregister(cc *clientConn, id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cc.pending != nil {
+		delete(cc.pending, id)
+		if len(cc.pending) == 0 && c.cc == cc {
+			c.armIdleLocked(cc)
 		}
-		c.mu.Unlock()
-		return nil, errorf("%s: %w", op, ctx.Err())
 	}
 }
 
@@ -556,15 +747,18 @@ func (c *Client) write(ctx context.Context, cc *clientConn, frame []byte) error 
 	select {
 	case cc.writing <- struct{}{}:
 	case <-ctx.Done():
-		return errorf("write request: %w", ctx.Err())
+		return ctx.Err()
 	}
 	defer func() { <-cc.writing }()
+	if err := ctx.Err(); err != nil { // select may have chosen the turn over the ended context
+		return err
+	}
 	dl, _ := ctx.Deadline()
 	cc.nc.SetWriteDeadline(dl)
 	if _, err := cc.nc.Write(frame); err != nil {
 		cc.nc.Close()
-		if ctx.Err() != nil {
-			return errorf("write request: %w", ctx.Err())
+		if err = contextOr(ctx, err); errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			return err
 		}
 		return ErrConnectionLost
 	}

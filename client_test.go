@@ -206,17 +206,99 @@ func TestRemoteErrorsMatchSentinels(t *testing.T) {
 			t.Errorf("%s matches a sentinel of another code", code)
 		}
 	}
-	if errors.Is(&RemoteError{Code: "SOMETHING_NEW"}, ErrInternal) {
-		t.Error("an unknown code matched ErrInternal")
-	}
-	// Over the wire, with the retry delay.
+	// Over the wire, with the retry delay (which a client that retries
+	// would wait out).
 	_, path := startServer(t, Options{Store: defaultStore(t), RateLimit: 1, RateBurst: 1})
-	c := newTestClient(t, path, ClientOptions{})
+	c := newTestClient(t, path, ClientOptions{NoRateLimitRetry: true})
 	c.HasAPIKey(context.Background(), "openai")
 	_, err := c.HasAPIKey(context.Background(), "openai")
 	var re *RemoteError
 	if !errors.Is(err, ErrRateLimited) || !errors.As(err, &re) || re.RetryAfter != time.Second {
 		t.Errorf("second call at 1 request/s: %v (%+v), want RATE_LIMITED with RetryAfter 1s", err, re)
+	}
+}
+
+// F6: the codes the reference implementation's hosts send match the
+// nearest sentinel, over a real socket: its denials ErrDenied, its
+// failures on the host ErrInternal, its schema errors ErrInvalidRequest,
+// a cancelled operation context.Canceled, a host that must log in again
+// ErrReauthRequired, a provider it cannot serve ErrProviderNotFound, and
+// a login session it no longer has (not found, expired, used) ErrNotFound.
+// A code no implementation defines matches ErrInternal, the catch-all.
+func TestClientMapsOtherImplementationsCodes(t *testing.T) {
+	cases := []struct {
+		code Code
+		want error
+	}{
+		{"FORBIDDEN", ErrDenied}, {"PERMISSION_DENIED", ErrDenied}, {"ACCESS_DENIED", ErrDenied},
+		{"REFRESH_FAILED", ErrInternal}, {"EXCHANGE_FAILED", ErrInternal}, {"POLL_FAILED", ErrInternal},
+		{"FLOW_INITIATION_FAILED", ErrInternal}, {"RESPONSE_TOO_LARGE", ErrInternal}, {"GITHUB_ERROR", ErrInternal},
+		{"HOST_GH_UNAVAILABLE", ErrInternal},
+		{"INVALID_PARAM", ErrInvalidRequest}, {"UNKNOWN_OP", ErrInvalidRequest},
+		{"CANCELLED", context.Canceled},
+		{"HOST_AUTH_REQUIRED", ErrReauthRequired},
+		{"PROVIDER_NOT_CONFIGURED", ErrProviderNotFound},
+		{"SESSION_NOT_FOUND", ErrNotFound}, {"SESSION_EXPIRED", ErrNotFound}, {"SESSION_ALREADY_USED", ErrNotFound},
+		{"SOMETHING_NEW", ErrInternal}, {"", ErrInternal},
+	}
+	path := fakeServer(t, func(c net.Conn) {
+		for _, tc := range cases {
+			frame, err := readFrame(c, nil)
+			if err != nil {
+				return
+			}
+			req, _ := decodeRequest(frame)
+			writeFrame(c, fmt.Appendf(nil, `{"id":%q,"ok":false,"code":%q,"error":"fake-message"}`, req.id, tc.code))
+		}
+		readFrame(c, nil) // hold the connection until the client closes
+	})
+	c := newTestClient(t, path, ClientOptions{})
+	sentinels := []error{ErrNotFound, ErrInvalidRequest, ErrDenied, ErrRateLimited, ErrInternal, ErrUnknownVersion,
+		ErrResourceExhausted, ErrRefreshNotAvailable, ErrReauthRequired, ErrProviderNotFound, ErrConnectionLost,
+		ErrProviderDenied, ErrBucketDenied, ErrKeyDenied, ErrReadOnly, context.Canceled, context.DeadlineExceeded}
+	for _, tc := range cases {
+		_, err := c.GetAPIKey(t.Context(), "openai")
+		var re *RemoteError
+		if !errors.As(err, &re) || re.Code != tc.code || re.Message != "fake-message" {
+			t.Fatalf("%q: %v, want a RemoteError with that code", tc.code, err)
+		}
+		for _, s := range sentinels {
+			if errors.Is(err, s) != (s == tc.want) {
+				t.Errorf("%q: errors.Is(err, %v) = %v, want it to match %v alone", tc.code, s, !(s == tc.want), tc.want)
+			}
+		}
+	}
+}
+
+// F6: a "denied" member that is not a string names no kind, and does not
+// make the response malformed: the connection goes on.
+func TestClientIgnoresADeniedMemberOfAnotherType(t *testing.T) {
+	path := fakeServer(t, func(c net.Conn) {
+		for _, answer := range []string{
+			`{"id":%q,"ok":false,"code":"UNAUTHORIZED","error":"fake-message","denied":{"kind":"provider"}}`,
+			`{"id":%q,"ok":false,"code":"UNAUTHORIZED","error":"fake-message","denied":"provider"}`,
+			`{"id":%q,"ok":true,"data":{"exists":true}}`,
+		} {
+			frame, err := readFrame(c, nil)
+			if err != nil {
+				return
+			}
+			req, _ := decodeRequest(frame)
+			writeFrame(c, fmt.Appendf(nil, answer, req.id))
+		}
+		readFrame(c, nil) // hold the connection until the client closes
+	})
+	c := newTestClient(t, path, ClientOptions{})
+	_, err := c.HasAPIKey(t.Context(), "openai")
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Denied != "" || !errors.Is(err, ErrDenied) || errors.Is(err, ErrProviderDenied) {
+		t.Errorf("with an object for denied: %v (%+v), want UNAUTHORIZED of no kind", err, re)
+	}
+	if _, err := c.HasAPIKey(t.Context(), "openai"); !errors.Is(err, ErrProviderDenied) {
+		t.Errorf("with denied \"provider\": %v, want ErrProviderDenied", err)
+	}
+	if ok, err := c.HasAPIKey(t.Context(), "openai"); err != nil || !ok {
+		t.Errorf("next call: %v, %v; want the connection in sync", ok, err)
 	}
 }
 

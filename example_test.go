@@ -69,7 +69,8 @@ func ExampleServer_Shutdown() {
 }
 
 // An AllowList scopes a sandbox to some providers, buckets and API keys;
-// errors keep their meaning across the socket.
+// errors keep their meaning across the socket, the kind of a refusal
+// included.
 func ExampleAllowList() {
 	ctx := context.Background()
 	store := credproxy.NewMemoryStore()
@@ -92,17 +93,17 @@ func ExampleAllowList() {
 	providers, _ := client.ListProviders(ctx)
 	fmt.Println("visible:", providers)
 	_, err := client.GetToken(ctx, "openai", "")
-	fmt.Println("denied:", errors.Is(err, credproxy.ErrDenied))
+	fmt.Println("denied:", errors.Is(err, credproxy.ErrDenied), "- the provider:", errors.Is(err, credproxy.ErrProviderDenied))
 	var remote *credproxy.RemoteError
 	if errors.As(err, &remote) {
-		fmt.Println("code:", remote.Code, "-", remote.Message)
+		fmt.Println("code:", remote.Code, "-", remote.Message, "- kind:", remote.Denied)
 	}
 	_, err = client.GetToken(ctx, "anthropic", "other-bucket")
 	fmt.Println("absent:", errors.Is(err, credproxy.ErrNotFound))
 	// Output:
 	// visible: [anthropic]
-	// denied: true
-	// code: UNAUTHORIZED - provider not allowed
+	// denied: true - the provider: true
+	// code: UNAUTHORIZED - provider not allowed - kind: provider
 	// absent: true
 }
 

@@ -39,9 +39,14 @@ type Grant struct {
 }
 
 // ErrReadOnly is the denial of save_token and remove_token by a read-only
-// [Grant]. It matches [ErrDenied] with errors.Is, on the host and, through
-// its code, at a client.
-var ErrReadOnly error = &denial{"sandbox connections cannot modify tokens"}
+// [Grant]. It matches [ErrDenied] with errors.Is, on the host and at a
+// [Client].
+var ErrReadOnly error = &denial{"sandbox connections cannot modify tokens", "read_only"}
+
+// ErrNewTokenLimit is the denial of a save_token that would create a token
+// beyond the session's [SessionOptions].MaxNewTokens. It matches
+// [ErrDenied] with errors.Is, on the host and at a [Client].
+var ErrNewTokenLimit error = &denial{"this session may create no more tokens", "new_token_limit"}
 
 // Authorize allows req if the grant covers the operation and every name
 // req carries.

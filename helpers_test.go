@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -293,4 +294,71 @@ func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) 
 // field names.
 func jsonUnmarshalCaseless(s string, v any) error {
 	return json.Unmarshal([]byte(s), v, json.MatchCaseInsensitiveNames(true))
+}
+
+// pipeClient returns a client whose connections are net.Pipes, the
+// server's end of each served by serve, which starts with the handshake
+// (see afterHandshake). It is for tests in a testing/synctest bubble,
+// where time is fake and a real socket cannot go: call it inside the
+// bubble. serve must return once the client closes its end; the client
+// is closed at cleanup.
+func pipeClient(t *testing.T, opts ClientOptions, serve func(nc net.Conn)) *Client {
+	t.Helper()
+	var wg sync.WaitGroup
+	opts.dial = func(ctx context.Context) (net.Conn, error) {
+		client, server := net.Pipe()
+		wg.Go(func() {
+			defer server.Close()
+			serve(server)
+		})
+		return client, nil
+	}
+	c := NewClient("pipe", opts)
+	t.Cleanup(func() { c.Close(); wg.Wait() })
+	return c
+}
+
+// afterHandshake is a serve function for pipeClient that answers the
+// handshake as a real server does, then hands the connection to serve.
+func afterHandshake(serve func(nc net.Conn)) func(net.Conn) {
+	return func(nc net.Conn) {
+		if _, err := readFrame(nc, nil); err != nil {
+			return
+		}
+		if err := writeFrame(nc, handshakeOK); err != nil {
+			return
+		}
+		serve(nc)
+	}
+}
+
+// answerEach is a serve function for pipeClient: after the handshake, it
+// reads each request and writes what answer returns for it, if anything,
+// counting the requests in received. n counts from 1.
+func answerEach(received *atomic.Int32, answer func(n int, req request) string) func(net.Conn) {
+	return afterHandshake(func(nc net.Conn) {
+		for {
+			frame, err := readFrame(nc, nil)
+			if err != nil {
+				return
+			}
+			req, _ := decodeRequest(frame)
+			if resp := answer(int(received.Add(1)), req); resp != "" {
+				if err := writeFrame(nc, []byte(resp)); err != nil {
+					return
+				}
+			}
+		}
+	})
+}
+
+// rateLimited is the failure response to req with code RATE_LIMITED and
+// retryAfter seconds.
+func rateLimited(req request, retryAfter int) string {
+	return string(appendFailure(nil, req.id, &protoError{code: CodeRateLimited, msg: "rate limit exceeded"}, retryAfter))
+}
+
+// okResponse is the success response to req with data.
+func okResponse(req request, data string) string {
+	return string(appendOKStart(nil, req.id)) + data + "}"
 }

@@ -17,8 +17,12 @@ import (
 // A nil error allows the request. Any other error denies it with code
 // UNAUTHORIZED; the error's text is logged on the host and never sent. The
 // peer learns what kind of name was refused when the error wraps
-// [ErrProviderDenied], [ErrBucketDenied] or [ErrKeyDenied], and sees
-// "request not allowed" otherwise.
+// [ErrProviderDenied], [ErrBucketDenied] or [ErrKeyDenied] (or, from a
+// [Grant], [ErrReadOnly]): the response says so in its message and in
+// its "denied" member (PROTOCOL.md, "Responses"), and at a [Client],
+// errors.Is(err, ErrProviderDenied) holds as it does on the host. Other
+// errors reach the peer as "request not allowed", matching [ErrDenied]
+// only.
 type Policy interface {
 	Authorize(ctx context.Context, req *Request) error
 }
@@ -50,14 +54,17 @@ type Request struct {
 }
 
 // Errors a [Policy] wraps to tell the peer what was refused. Each matches
-// [ErrDenied] with errors.Is.
+// [ErrDenied] with errors.Is, and a [Client]'s error for a request refused
+// with it matches it too.
 var (
-	ErrProviderDenied error = &denial{"provider not allowed"}
-	ErrBucketDenied   error = &denial{"bucket not allowed"}
-	ErrKeyDenied      error = &denial{"API key not allowed"}
+	ErrProviderDenied error = &denial{"provider not allowed", "provider"}
+	ErrBucketDenied   error = &denial{"bucket not allowed", "bucket"}
+	ErrKeyDenied      error = &denial{"API key not allowed", "api_key"}
 )
 
-type denial struct{ msg string }
+// denial is a refusal whose kind the peer learns: msg is the response's
+// fixed message, and kind the value of its "denied" member.
+type denial struct{ msg, kind string }
 
 func (d *denial) Error() string        { return "credproxy: " + d.msg }
 func (d *denial) Is(target error) bool { return target == ErrDenied }

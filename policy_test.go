@@ -42,3 +42,62 @@ func TestAllowList(t *testing.T) {
 		t.Errorf("a key-only list restricted providers: %v", err)
 	}
 }
+
+// F6: a refusal carries the kind of what was refused across the socket,
+// in the failure's "denied" member, so that errors.Is matches the same
+// sentinel at a client as on the host (and ErrDenied still). The message
+// stays the fixed text; a refusal of the host's own policy carries no
+// kind and matches ErrDenied only.
+func TestDenialKindsSurviveTheSocket(t *testing.T) {
+	ctx := t.Context()
+	st := defaultStore(t)
+	_, path := startServer(t, Options{Store: st, Policy: &AllowList{Providers: []string{"anthropic"}, Buckets: []string{"default"}, Keys: []string{"openai"}}})
+	listed := newTestClient(t, path, ClientOptions{})
+	srv := sessionServer(t, Options{Store: st})
+	readOnly := sessionClient(t, startSession(t, srv, SessionOptions{Policy: &Grant{Providers: []string{"anthropic"}}}))
+	writer := sessionClient(t, startSession(t, srv, SessionOptions{MaxNewTokens: 1,
+		Policy: &Grant{Providers: []string{GrantAll}, Write: true}}))
+	custom := sessionClient(t, startSession(t, srv, SessionOptions{Policy: PolicyFunc(func(context.Context, *Request) error {
+		return errors.New("fake-policy: not on Tuesdays")
+	})}))
+	tok := mustToken(t, `{"access_token":"fake-access-new"}`)
+	if err := writer.SaveToken(ctx, "fake-provider-1", "", tok); err != nil {
+		t.Fatal(err) // the session's one new token
+	}
+	kinds := []error{ErrProviderDenied, ErrBucketDenied, ErrKeyDenied, ErrReadOnly, ErrNewTokenLimit}
+	for _, tc := range []struct {
+		name string
+		err  error
+		want error  // nil: ErrDenied alone
+		kind string // RemoteError.Denied
+		msg  string
+	}{
+		{"AllowList, provider", second(listed.GetToken(ctx, "openai", "")), ErrProviderDenied, "provider", "provider not allowed"},
+		{"AllowList, bucket", second(listed.GetToken(ctx, "anthropic", "work")), ErrBucketDenied, "bucket", "bucket not allowed"},
+		{"AllowList, key", second(listed.GetAPIKey(ctx, "zeta")), ErrKeyDenied, "api_key", "API key not allowed"},
+		{"Grant, provider", second(readOnly.ListBuckets(ctx, "openai")), ErrProviderDenied, "provider", "provider not allowed"},
+		{"Grant, read-only", readOnly.RemoveToken(ctx, "anthropic", ""), ErrReadOnly, "read_only", "sandbox connections cannot modify tokens"},
+		{"Grant, new tokens", writer.SaveToken(ctx, "fake-provider-2", "", tok), ErrNewTokenLimit, "new_token_limit",
+			"this session may create no more tokens"},
+		{"host's own policy", second(custom.HasAPIKey(ctx, "openai")), nil, "", "request not allowed"},
+	} {
+		var re *RemoteError
+		if !errors.As(tc.err, &re) || re.Code != CodeUnauthorized || re.Message != tc.msg || re.Denied != tc.kind ||
+			!errors.Is(tc.err, ErrDenied) {
+			t.Errorf("%s: %v (%+v), want UNAUTHORIZED %q, denied %q, matching ErrDenied", tc.name, tc.err, re, tc.msg, tc.kind)
+			continue
+		}
+		for _, kind := range kinds {
+			if errors.Is(tc.err, kind) != (kind == tc.want) {
+				t.Errorf("%s: errors.Is(err, %v) = %v, want %v", tc.name, kind, !(kind == tc.want), kind == tc.want)
+			}
+		}
+	}
+	// On the wire, an extra member a client that does not know it ignores.
+	r := dialRaw(t, path)
+	r.handshake()
+	r.send(`{"v":1,"id":"1","op":"get_token","payload":{"provider":"openai"}}`)
+	if got, want := r.recv(), `{"id":"1","ok":false,"code":"UNAUTHORIZED","error":"provider not allowed","denied":"provider"}`; got != want {
+		t.Errorf("denial frame %s, want %s", got, want)
+	}
+}

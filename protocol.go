@@ -10,13 +10,14 @@ package credproxy
 //	reply      {"v":1,"op":"handshake","ok":true,"data":{"version":1}}
 //	request    {"v":1,"id":"<id>","op":"<op>","payload":{...}}
 //	success    {"id":"<id>","ok":true,"data":{...}}
-//	failure    {"id":"<id>","ok":false,"code":"<CODE>","error":"<text>"[,"retryAfter":<s>]}
+//	failure    {"id":"<id>","ok":false,"code":"<CODE>","error":"<text>"[,"retryAfter":<s>][,"denied":"<kind>"]}
 //
 // Every function here is pure, over byte slices, io.Reader and io.Writer, so
 // the decoders can be fuzzed without a socket.
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -91,31 +92,44 @@ const (
 	CodeProviderNotFound    Code = "PROVIDER_NOT_FOUND"
 )
 
-// sentinel returns the package error for c, or nil for an unknown code.
+// sentinel returns the package error for c. The codes other
+// implementations send (the reference project's hosts, whose protocol
+// version 2 adds login over the socket and a GitHub broker) map to the
+// nearest sentinel, and a code nobody defines to ErrInternal, the
+// catch-all: the server could not complete the request (PROTOCOL.md,
+// "Responses").
 func (c Code) sentinel() error {
 	switch c {
-	case CodeNotFound:
+	case CodeNotFound,
+		// A login session the host no longer has: it drops an expired
+		// one at once (the next request for it gets SESSION_NOT_FOUND),
+		// and a used one when it next sweeps, so one sentinel for the
+		// three keeps the answer from depending on timing.
+		"SESSION_NOT_FOUND", "SESSION_EXPIRED", "SESSION_ALREADY_USED":
 		return ErrNotFound
-	case CodeInvalidRequest:
+	case CodeInvalidRequest, "INVALID_PARAM", "UNKNOWN_OP":
 		return ErrInvalidRequest
-	case CodeUnauthorized:
+	case CodeUnauthorized, "FORBIDDEN", "PERMISSION_DENIED", "ACCESS_DENIED":
 		return ErrDenied
 	case CodeRateLimited:
 		return ErrRateLimited
-	case CodeInternalError:
-		return ErrInternal
 	case CodeUnknownVersion:
 		return ErrUnknownVersion
 	case CodeResourceExhausted:
 		return ErrResourceExhausted
 	case CodeRefreshNotAvailable:
 		return ErrRefreshNotAvailable
-	case CodeReauthRequired:
+	case CodeReauthRequired, "HOST_AUTH_REQUIRED":
 		return ErrReauthRequired
-	case CodeProviderNotFound:
+	case CodeProviderNotFound, "PROVIDER_NOT_CONFIGURED":
 		return ErrProviderNotFound
+	case "CANCELLED": // the host cancelled the operation
+		return context.Canceled
 	}
-	return nil
+	// INTERNAL_ERROR, and REFRESH_FAILED, EXCHANGE_FAILED, POLL_FAILED,
+	// FLOW_INITIATION_FAILED, RESPONSE_TOO_LARGE, GITHUB_ERROR,
+	// HOST_GH_UNAVAILABLE and any code not named here.
+	return ErrInternal
 }
 
 // errEmptyFrame is returned by readFrame for a zero-length header.
@@ -181,10 +195,12 @@ func writeFrame(w io.Writer, payload []byte) error {
 	return err
 }
 
-// protoError is a failure to answer with a code and a fixed, safe message.
+// protoError is a failure to answer with a code and a fixed, safe message,
+// and for a policy's refusal, the kind of thing refused (see denial).
 type protoError struct {
-	code Code
-	msg  string
+	code   Code
+	msg    string
+	denied string
 }
 
 func (e *protoError) Error() string { return string(e.code) + ": " + e.msg }
@@ -830,18 +846,23 @@ func appendOKStart(dst []byte, id string) []byte {
 	return append(dst, `,"ok":true,"data":`...)
 }
 
-// appendFailure appends a failure response. retryAfter (whole seconds) is
-// written only when positive.
-func appendFailure(dst []byte, id string, code Code, msg string, retryAfter int) []byte {
+// appendFailure appends the failure response of e. retryAfter (whole
+// seconds) is written only when positive, and the kind of a denial only
+// when e has one.
+func appendFailure(dst []byte, id string, e *protoError, retryAfter int) []byte {
 	dst = append(dst, `{"id":`...)
 	dst, _ = jsontext.AppendQuote(dst, id)
 	dst = append(dst, `,"ok":false,"code":"`...)
-	dst = append(dst, code...)
+	dst = append(dst, e.code...)
 	dst = append(dst, `","error":`...)
-	dst, _ = jsontext.AppendQuote(dst, msg)
+	dst, _ = jsontext.AppendQuote(dst, e.msg)
 	if retryAfter > 0 {
 		dst = append(dst, `,"retryAfter":`...)
 		dst = strconv.AppendInt(dst, int64(retryAfter), 10)
+	}
+	if e.denied != "" {
+		dst = append(dst, `,"denied":`...)
+		dst, _ = jsontext.AppendQuote(dst, e.denied)
 	}
 	return append(dst, '}')
 }
@@ -860,7 +881,9 @@ func appendNames(dst []byte, member string, names []string) []byte {
 	return append(dst, "]}"...)
 }
 
-// response is a decoded response, as the client reads it.
+// response is a decoded response, as the client reads it. Denied is kept
+// raw, so that a server that gives it another type does not make the
+// response malformed: only a string names a kind.
 type response struct {
 	ID         jsontext.Value `json:"id"`
 	OK         bool           `json:"ok"`
@@ -868,6 +891,19 @@ type response struct {
 	Code       Code           `json:"code"`
 	Error      string         `json:"error"`
 	RetryAfter float64        `json:"retryAfter"`
+	Denied     jsontext.Value `json:"denied"`
+}
+
+// deniedKind returns the kind a failure's "denied" member names, or "".
+func (r *response) deniedKind() string {
+	if r.Denied.Kind() != '"' {
+		return ""
+	}
+	kind, err := jsontext.AppendUnquote(nil, r.Denied)
+	if err != nil {
+		return ""
+	}
+	return string(kind)
 }
 
 func decodeResponse(frame []byte) (response, error) {

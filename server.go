@@ -997,7 +997,7 @@ func (c *conn) handle(frame []byte) (handedOver bool) {
 func (c *conn) writeFailure(id string, e *protoError, retryAfter int) {
 	buf := getBuffer()
 	defer putBuffer(buf)
-	*buf = appendFailure(startFrame((*buf)[:0]), id, e.code, e.msg, retryAfter)
+	*buf = appendFailure(startFrame((*buf)[:0]), id, e, retryAfter)
 	c.writeFramed(*buf, time.Now())
 }
 
@@ -1086,7 +1086,7 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time
 	if res.fail == nil {
 		frame = append(res.data, '}')
 	} else {
-		frame = appendFailure(startFrame((*buf)[:0]), id, res.fail.code, res.fail.msg, res.retryAfter)
+		frame = appendFailure(startFrame((*buf)[:0]), id, res.fail, res.retryAfter)
 	}
 	*buf = frame
 	// The audit record is written before the response, so that it exists
@@ -1230,7 +1230,7 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 
 	case OpSaveToken:
 		switch err := s.saveToken(ctx, ss, a.provider, a.bucket, a.token); {
-		case errors.Is(err, errNewTokenLimit):
+		case errors.Is(err, ErrNewTokenLimit):
 			return denied(err)
 		case errors.Is(err, errTokenTooLarge):
 			return failure(CodeInvalidRequest, "token too large once merged with the stored one")
@@ -1316,10 +1316,6 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 	return failure(CodeInvalidRequest, "unknown operation")
 }
 
-// errNewTokenLimit refuses a save_token that would create a token beyond
-// the session's MaxNewTokens.
-var errNewTokenLimit error = &denial{"this session may create no more tokens"}
-
 // maxSavedToken bounds the JSON of a token a client saves, merged with the
 // stored one: with room for any response envelope (an id of 256 bytes
 // quoted at worst 6 bytes each), it can always be served, and saves that
@@ -1346,7 +1342,7 @@ func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket st
 	st := s.opts.Store
 	stored, err := st.GetToken(ctx, provider, bucket)
 	if errors.Is(err, ErrNotFound) && !ss.reserveNewToken() {
-		return errNewTokenLimit
+		return ErrNewTokenLimit
 	}
 	if locker, ok := st.(TokenLocker); ok {
 		unlockStore, lerr := locker.LockToken(ctx, provider, bucket)
@@ -1491,18 +1487,16 @@ func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) r
 	return failure(CodeInternalError, "refresh failed")
 }
 
-// denied turns a policy error into UNAUTHORIZED with a message naming the
-// kind of thing refused, never the policy's own text, which is logged on
-// the host.
+// denied turns a policy error into UNAUTHORIZED with a message and a
+// "denied" member naming the kind of thing refused, never the policy's own
+// text, which is logged on the host.
 func denied(err error) result {
-	msg := "request not allowed"
+	fail := &protoError{code: CodeUnauthorized, msg: "request not allowed"}
 	var d *denial
 	if errors.As(err, &d) {
-		msg = d.msg
+		fail.msg, fail.denied = d.msg, d.kind
 	}
-	res := failure(CodeUnauthorized, msg)
-	res.cause = err
-	return res
+	return result{fail: fail, cause: err}
 }
 
 // storeFailure maps a store error to a response: NOT_FOUND with notFound

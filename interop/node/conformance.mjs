@@ -231,6 +231,8 @@ const CODES = [
   'NOT_FOUND', 'INVALID_REQUEST', 'UNAUTHORIZED', 'RATE_LIMITED', 'INTERNAL_ERROR',
   'UNKNOWN_VERSION', 'RESOURCE_EXHAUSTED', 'REFRESH_NOT_AVAILABLE', 'REAUTH_REQUIRED', 'PROVIDER_NOT_FOUND',
 ];
+// Values of "denied" on an UNAUTHORIZED failure ("Responses").
+const DENIAL_KINDS = ['provider', 'bucket', 'api_key', 'read_only', 'new_token_limit'];
 const SECRETS = new Set(); // refresh tokens: must never appear in any byte the server sends
 const OTHER_SECRETS = new Set(); // access tokens and API key values: must never appear in an error message
 const allConns = [];
@@ -351,7 +353,7 @@ class Conn {
     if (typeof j.ok !== 'boolean') bad('response "ok" is not a boolean');
     if (j.ok === true) {
       if (!j.data || typeof j.data !== 'object' || Array.isArray(j.data)) bad('success "data" is not an object');
-      if ('code' in j || 'error' in j) bad('success response carries code/error');
+      if ('code' in j || 'error' in j || 'denied' in j) bad('success response carries code/error/denied');
     }
     if (j.ok === false) {
       if (!CODES.includes(j.code)) bad(`unknown code ${JSON.stringify(j.code)}`);
@@ -359,6 +361,10 @@ class Conn {
       if (j.code === 'RATE_LIMITED') {
         const ra = member(f.tree, 'retryAfter');
         if (!ra || ra.t !== 'num' || !/^[1-9][0-9]*$/.test(ra.raw)) bad('RATE_LIMITED without an integer retryAfter >= 1');
+      }
+      if ('denied' in j) {
+        if (j.code !== 'UNAUTHORIZED') bad('"denied" on a failure other than UNAUTHORIZED');
+        if (!DENIAL_KINDS.includes(j.denied)) bad(`"denied" is ${JSON.stringify(j.denied)}, not one of ${DENIAL_KINDS.join(', ')}`);
       }
       if (typeof j.error === 'string') {
         for (const s of [...SECRETS, ...OTHER_SECRETS]) {
@@ -1775,6 +1781,22 @@ async function policyChecks(pol) {
       await inSync(c);
     });
   });
+  await check(S, 'a refusal names the kind refused in "denied": provider, bucket, api_key', async () => {
+    await session(pol, async (c) => {
+      for (const [op, payload, kind] of [
+        ['get_token', { provider: 'gemini' }, 'provider'],
+        ['list_buckets', { provider: 'gemini' }, 'provider'],
+        ['save_token', { provider: 'gemini', token: { access_token: 'at-evil' } }, 'provider'],
+        ['get_token', { provider: 'anthropic', bucket: 'personal' }, 'bucket'],
+        ['get_api_key', { name: 'gemini_key' }, 'api_key'],
+        ['has_api_key', { name: 'gemini_key' }, 'api_key'],
+      ]) {
+        const j = isFail(await c.call(op, payload), 'UNAUTHORIZED');
+        expect(j.denied === kind, `${op} ${JSON.stringify(payload)}: "denied" ${JSON.stringify(j.denied)}, expected ${JSON.stringify(kind)}`);
+      }
+      await inSync(c);
+    });
+  });
   await check(S, 'provider, bucket and key names are separate spaces (allowed names used in the wrong role are refused)', async () => {
     await session(pol, async (c) => {
       // key names that equal an allowed provider / bucket
@@ -2182,6 +2204,14 @@ async function sessionChecks(main) {
     });
   });
 
+  await check(G, 'read-only: the refusal of a write of a granted token names its kind, "denied":"read_only"', async () => {
+    await session(ga, async (c) => {
+      for (const [op, payload] of [['save_token', { provider: 'anthropic', token: { access_token: 'at-sandbox-write' } }], ['remove_token', { provider: 'anthropic' }]]) {
+        const j = isFail(await c.call(op, payload), 'UNAUTHORIZED', { error: RO });
+        expect(j.denied === 'read_only', `${op}: "denied" ${JSON.stringify(j.denied)}, expected "read_only"`);
+      }
+    });
+  });
   await check(G, 'read-only: save_token and remove_token of a granted token -> UNAUTHORIZED "sandbox connections cannot modify tokens"; nothing changes', async () => {
     await session(ga, async (c) => {
       const before = await c.call('get_token', { provider: 'anthropic' });
