@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"testing/iotest"
 	"unicode/utf16"
 
@@ -172,62 +173,67 @@ func FuzzDecodeRequest(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
-	f.Fuzz(func(t *testing.T, frame []byte) {
-		var d requestDecoder
-		req, perr := d.decode(frame)
-		compareWithReference(t, frame, req, perr)
-		negotiate(req)
-		if perr != nil {
-			if perr.code != CodeInvalidRequest || perr.msg == "" {
-				t.Fatalf("decode error %v", perr)
-			}
-			return
+	// In a synctest bubble the clock stands still, so that the several
+	// parses of a token with expires_in compare equal even when they
+	// would otherwise straddle a second.
+	f.Fuzz(func(t *testing.T, frame []byte) { synctest.Test(t, func(t *testing.T) { fuzzDecodeRequest(t, frame) }) })
+}
+
+func fuzzDecodeRequest(t *testing.T, frame []byte) {
+	var d requestDecoder
+	req, perr := d.decode(frame)
+	compareWithReference(t, frame, req, perr)
+	negotiate(req)
+	if perr != nil {
+		if perr.code != CodeInvalidRequest || perr.msg == "" {
+			t.Fatalf("decode error %v", perr)
 		}
-		if hasDuplicateNames(frame) {
-			t.Fatalf("frame with duplicate member names decoded: %q", frame)
+		return
+	}
+	if hasDuplicateNames(frame) {
+		t.Fatalf("frame with duplicate member names decoded: %q", frame)
+	}
+	a, perr := decodeArgs(Op(req.op), req.payload)
+	// The connection's decoder, with its token path and its memory of
+	// accepted names, must answer as the reflection decoder does: on
+	// first sight, on a repeat, and after another payload.
+	for i, p := range []jsontext.Value{req.payload, req.payload, jsontext.Value(`{"provider":"p","name":"n"}`), jsontext.Value(`{"provider":"p","bucket":"b"}`), jsontext.Value(`{"provider":"p"}`), jsontext.Value(`{"name":"n"}`), req.payload} {
+		var members payloadMembers // read by decodeArgs
+		if i == 0 {
+			members = req.members // as decode read them
 		}
-		a, perr := decodeArgs(Op(req.op), req.payload)
-		// The connection's decoder, with its token path and its memory of
-		// accepted names, must answer as the reflection decoder does: on
-		// first sight, on a repeat, and after another payload.
-		for i, p := range []jsontext.Value{req.payload, req.payload, jsontext.Value(`{"provider":"p","name":"n"}`), jsontext.Value(`{"provider":"p","bucket":"b"}`), jsontext.Value(`{"provider":"p"}`), jsontext.Value(`{"name":"n"}`), req.payload} {
-			var members payloadMembers // read by decodeArgs
-			if i == 0 {
-				members = req.members // as decode read them
-			}
-			want, wantErr := decodeArgs(Op(req.op), p)
-			got, gotErr := d.decodeArgs(Op(req.op), p, members)
-			if !sameArgs(got, want) || (gotErr == nil) != (wantErr == nil) || (gotErr != nil && *gotErr != *wantErr) {
-				t.Fatalf("payload %q of %q: decoder %+v %v, reference %+v %v", p, req.op, got, gotErr, want, wantErr)
-			}
+		want, wantErr := decodeArgs(Op(req.op), p)
+		got, gotErr := d.decodeArgs(Op(req.op), p, members)
+		if !sameArgs(got, want) || (gotErr == nil) != (wantErr == nil) || (gotErr != nil && *gotErr != *wantErr) {
+			t.Fatalf("payload %q of %q: decoder %+v %v, reference %+v %v", p, req.op, got, gotErr, want, wantErr)
 		}
-		if perr != nil {
-			return
+	}
+	if perr != nil {
+		return
+	}
+	switch Op(req.op) {
+	case OpGetToken, OpSaveToken, OpRemoveToken, OpGetBucketStats, OpRefreshToken:
+		if !validName(a.provider) || !validName(a.bucket) {
+			t.Fatalf("invalid names passed: %q %q", a.provider, a.bucket)
 		}
-		switch Op(req.op) {
-		case OpGetToken, OpSaveToken, OpRemoveToken, OpGetBucketStats, OpRefreshToken:
-			if !validName(a.provider) || !validName(a.bucket) {
-				t.Fatalf("invalid names passed: %q %q", a.provider, a.bucket)
-			}
-		case OpListBuckets:
-			if !validName(a.provider) {
-				t.Fatalf("invalid provider passed: %q", a.provider)
-			}
-		case OpGetAPIKey, OpHasAPIKey:
-			if !validName(a.name) {
-				t.Fatalf("invalid name passed: %q", a.name)
-			}
+	case OpListBuckets:
+		if !validName(a.provider) {
+			t.Fatalf("invalid provider passed: %q", a.provider)
 		}
-		if Op(req.op) == OpSaveToken {
-			if a.token.AccessToken() == "" {
-				t.Fatal("token without access token passed")
-			}
-			js := a.token.Reveal()
-			if back, err := ParseToken(js); err != nil || !back.Equal(a.token) {
-				t.Fatalf("token does not survive its own encoding %s: %v", js, err)
-			}
+	case OpGetAPIKey, OpHasAPIKey:
+		if !validName(a.name) {
+			t.Fatalf("invalid name passed: %q", a.name)
 		}
-	})
+	}
+	if Op(req.op) == OpSaveToken {
+		if a.token.AccessToken() == "" {
+			t.Fatal("token without access token passed")
+		}
+		js := a.token.Reveal()
+		if back, err := ParseToken(js); err != nil || !back.Equal(a.token) {
+			t.Fatalf("token does not survive its own encoding %s: %v", js, err)
+		}
+	}
 }
 
 func sameArgs(a, b args) bool {
