@@ -9,10 +9,10 @@ import (
 
 // Proactive renewal timing (see [Options.DisableRenewal]).
 const (
-	// At expiry - max(renewLeadMin, 10% of the
-	// remaining lifetime) - up to renewJitter; after n failures in a row,
-	// again after min(renewBackoffMax, renewBackoffBase * 2^(n-1)); after
-	// renewMaxFailures, no more.
+	// A token is renewed at expiry - max(renewLeadMin, 10% of the
+	// remaining lifetime) - up to renewJitter; after n failures in a
+	// row, again after min(renewBackoffMax, renewBackoffBase * 2^(n-1));
+	// after renewMaxFailures, no more.
 	renewLeadMin     = 300 * time.Second
 	renewJitter      = 30 * time.Second
 	renewBackoffBase = 30 * time.Second
