@@ -102,7 +102,9 @@ var (
 
 	// ErrInternal means the server could not complete the request, for
 	// example because its store failed or timed out (code INTERNAL_ERROR).
-	// The cause is logged on the host only.
+	// The cause is logged on the host only. A [Client] also matches it for
+	// a code it does not know, from a server of another implementation or
+	// version (see [RemoteError.Is]).
 	ErrInternal = errors.New("credproxy: internal error")
 
 	// ErrUnknownVersion means client and server share no protocol version
