@@ -292,6 +292,7 @@ func TestParseRetryAfter(t *testing.T) {
 		"-5":                            0,
 		"soon":                          0,
 		"99999999":                      maxRetryAfter,
+		"99999999999999999999":          maxRetryAfter,
 		"Sun, 06 Dec 2026 12:02:00 GMT": 2 * time.Minute,
 		"Sun, 06 Dec 2026 11:00:00 GMT": 0,
 	} {

@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -82,7 +83,7 @@ func (o *OAuth2Refresher) Refresh(ctx context.Context, token Token) (Token, erro
 	// With no access token in it, the source refreshes at once, once.
 	got, err := cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: string(token.RefreshToken())}).Token()
 	if err != nil {
-		return Token{}, classifyOAuth2Error(ctx, err)
+		return Token{}, o.hideClientSecret(classifyOAuth2Error(ctx, err))
 	}
 	if got.Expiry.IsZero() && got.Extra("expires_in") != nil {
 		// golang.org/x/oauth2 reads "expires_in":0 as no expiry at all;
@@ -91,6 +92,21 @@ func (o *OAuth2Refresher) Refresh(ctx context.Context, token Token) (Token, erro
 		got.Expiry = time.Now()
 	}
 	return tokenFromOAuth2(got)
+}
+
+// hideClientSecret takes the client secret out of err's text, where a
+// provider that echoes the request quotes it: from the form
+// (AuthStyleInParams), in any escaping, or from the Basic header, whose
+// credentials golang.org/x/oauth2 URL-encodes before base64 (RFC 6749,
+// section 2.3.1). err still matches what it matched.
+func (o *OAuth2Refresher) hideClientSecret(err error) error {
+	if o.ClientSecret == "" {
+		return err
+	}
+	secret := string(o.ClientSecret)
+	b64 := base64.StdEncoding.EncodeToString
+	return &redactedError{cause: err, msg: redact(err.Error(), secret,
+		b64([]byte(url.QueryEscape(o.ClientID)+":"+url.QueryEscape(secret))), b64([]byte(o.ClientID+":"+secret)))}
 }
 
 // classifyOAuth2Error wraps err with the sentinel its kind calls for: a
@@ -137,11 +153,14 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	if v == "" {
 		return 0
 	}
-	if secs, err := strconv.ParseInt(v, 10, 64); err == nil {
-		if secs <= 0 {
-			return 0
-		}
+	secs, err := strconv.ParseInt(v, 10, 64)
+	switch {
+	case err == nil && secs <= 0:
+		return 0
+	case err == nil:
 		return time.Duration(min(secs, int64(maxRetryAfter/time.Second))) * time.Second
+	case errors.Is(err, strconv.ErrRange) && secs > 0: // digits past int64: a long wait
+		return maxRetryAfter
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
 		return min(t.Sub(now), maxRetryAfter)

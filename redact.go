@@ -25,12 +25,45 @@ const minSecretRun = 20
 // (see minSecretRun), with a redaction marker. Empty secrets are ignored.
 // Such text never crosses the socket whatever redact makes of it.
 func redact(text string, secrets ...string) string {
+	return redactSpans(text, matchSecrets(text, secrets, false))
+}
+
+// maxLoggedText is how much of a provider's error text redactCut keeps.
+// The text can be as long as the 1 MiB golang.org/x/oauth2 keeps of a
+// response, and redact's cost grows with the text times the secret.
+const maxLoggedText = 4096
+
+// redactCut is redact for text of any length: it keeps the first
+// maxLoggedText bytes, and takes a secret that the cut leaves half-spelled
+// at the end for a secret, so that no prefix of one is logged.
+func redactCut(text string, secrets ...string) string {
+	if len(text) <= maxLoggedText {
+		return redact(text, secrets...)
+	}
+	cut := maxLoggedText
+	for cut > 0 && !utf8.RuneStart(text[cut]) {
+		cut--
+	}
+	text = text[:cut]
+	return redactSpans(text, matchSecrets(text, secrets, true)) + " [cut at " + strconv.Itoa(cut) + " bytes]"
+}
+
+// matchSecrets returns the spans of text that spell one of secrets (see
+// appendEncodedMatches), and, with tail, a span for a secret begun and
+// cut off at the end of text.
+func matchSecrets(text string, secrets []string, tail bool) []span {
 	var spans []span
 	for _, s := range secrets {
 		if s != "" {
-			spans = appendEncodedMatches(spans, text, s)
+			spans = appendEncodedMatches(spans, text, s, tail)
 		}
 	}
+	return spans
+}
+
+// redactSpans replaces spans of text, then each secret-looking run of
+// characters, with a redaction marker.
+func redactSpans(text string, spans []span) string {
 	text = replaceSpans(text, spans)
 	var b strings.Builder
 	start := 0
@@ -89,7 +122,10 @@ const maxEscapeLen = 12
 // secret end there, and the earliest start of each. That takes
 // O(len(text)*len(secret)) at worst and about O(len(text)) for text that
 // rarely resembles the secret, with memory for maxEscapeLen+1 positions.
-func appendEncodedMatches(spans []span, text, secret string) []span {
+//
+// With tail, a part of text that spells a prefix of secret and ends where
+// text does is a match too: text was cut there.
+func appendEncodedMatches(spans []span, text, secret string, tail bool) []span {
 	const rows = maxEscapeLen + 1
 	// from[j%rows][k] is the earliest start of a part of text ending at j
 	// that spells secret[:k], or -1; active[j%rows] lists the k set there.
@@ -125,6 +161,17 @@ func appendEncodedMatches(spans []span, text, secret string) []span {
 			}
 		}
 		active[row] = active[row][:0]
+	}
+	if row := len(text) % rows; tail {
+		earliest := -1
+		for _, k := range active[row] {
+			if start := from[row][k]; start >= 0 && (earliest < 0 || start < earliest) {
+				earliest = start
+			}
+		}
+		if earliest >= 0 {
+			spans = append(spans, span{earliest, len(text)})
+		}
 	}
 	return spans
 }

@@ -78,9 +78,14 @@ type coordinator struct {
 	flights  map[string]*flight
 	lastDone map[string]time.Time // key → end of its last successful provider refresh
 	failed   map[string]failures  // key → its failures since the last success
-	renewals map[string]*renewal
-	closed   bool
-	wg       sync.WaitGroup // flights and firing renewals
+	// peerSaved holds, per key, a digest of the access token a peer last
+	// saved with save_token. Such a token is not a refresh done elsewhere:
+	// taking it for one would let a sandbox with a write grant hold the
+	// cooldown open, or reset the failure backoff, at will.
+	peerSaved map[string]uint64
+	renewals  map[string]*renewal
+	closed    bool
+	wg        sync.WaitGroup // flights and firing renewals
 }
 
 // flight is one refresh in progress; done closes when tok and err are set.
@@ -128,6 +133,7 @@ func newCoordinator(srv *Server, refreshers map[string]Refresher) *coordinator {
 		flights:    make(map[string]*flight),
 		lastDone:   make(map[string]time.Time),
 		failed:     make(map[string]failures),
+		peerSaved:  make(map[string]uint64),
 		renewals:   make(map[string]*renewal),
 	}
 }
@@ -160,10 +166,11 @@ func (co *coordinator) refresh(ctx context.Context, provider, bucket string, w w
 		if err != nil {
 			return Token{}, err
 		}
-		if validFor(stored, time.Now()) > 0 {
+		if validFor(stored, time.Now()) > 0 && co.refreshedElsewhere(key, stored) {
 			co.observedRefresh(key)
 			return stored, nil
 		}
+		w.seen = stored
 	}
 	co.mu.Lock()
 	f := co.flights[key]
@@ -210,6 +217,25 @@ func (co *coordinator) refresh(ctx context.Context, provider, bucket string, w w
 	}
 }
 
+// savedByPeer records that a peer saved tok as the token of key.
+func (co *coordinator) savedByPeer(key string, tok Token) {
+	d := accessDigest(tok)
+	co.mu.Lock()
+	defer co.mu.Unlock()
+	co.peerSaved[key] = d
+}
+
+// refreshedElsewhere reports whether stored, found in place of the token
+// an asker saw, is a refresh by someone else (another process, or the
+// host's user), rather than what a peer saved over the socket.
+func (co *coordinator) refreshedElsewhere(key string, stored Token) bool {
+	d := accessDigest(stored)
+	co.mu.Lock()
+	defer co.mu.Unlock()
+	saved, ok := co.peerSaved[key]
+	return !ok || saved != d
+}
+
 // observedRefresh notes that the token of key was refreshed elsewhere
 // lately (another process, or the host's user): the cooldown starts, as
 // after a refresh of our own, so that sandboxes catching up with the new
@@ -233,7 +259,6 @@ func (co *coordinator) beforeServe(ctx context.Context, provider, bucket string,
 // fly runs one flight to its end, whoever is still waiting for it, and
 // remembers how it went.
 func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, w want) {
-	defer co.wg.Done()
 	ctx, cancel := context.WithTimeout(co.srv.baseCtx, refreshFlightTimeout)
 	defer cancel()
 	start := time.Now()
@@ -245,11 +270,13 @@ func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, w wa
 	co.mu.Lock()
 	delete(co.flights, key)
 	switch {
-	case err == nil:
-		// Whether this flight called the provider or found the token
-		// refreshed by someone else, a refresh just happened.
+	case err == nil && called:
 		co.lastDone[key] = now
 		delete(co.failed, key)
+	case err == nil:
+		// Found refreshed by someone else: a refresh just happened, but
+		// the provider's answer to us is still unknown.
+		co.lastDone[key] = now
 	case err != nil && co.backsOff(err):
 		fl := co.failed[key]
 		fl.n++
@@ -266,6 +293,9 @@ func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, w wa
 	if err == nil {
 		co.watch(provider, bucket, tok, true)
 	}
+	co.wg.Done()
+	// The host's hook runs once the flight no longer counts as running,
+	// so that it may call Shutdown or Close.
 	co.report(provider, bucket, called, err, retryAfter)
 }
 
@@ -295,7 +325,7 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	if stored.RefreshToken() == "" {
 		return Token{}, false, ErrRefreshNotAvailable
 	}
-	if !stored.Equal(w.seen) && validFor(stored, time.Now()) > max(w.need, 0) {
+	if !stored.Equal(w.seen) && validFor(stored, time.Now()) > max(w.need, 0) && co.refreshedElsewhere(tokenKey(provider, bucket), stored) {
 		return stored, false, nil
 	}
 
@@ -314,20 +344,21 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	}
 	if exp, ok := fresh.Expiry(); ok && (!exp.After(time.Now()) || time.Until(exp) > maxTokenLifetime) {
 		co.srv.log.Warn("credproxy: refresh failed", "provider", provider, "bucket", bucket, "err", errBadExpiry.Error())
-		// The provider may have rotated the refresh token all the same;
-		// losing it would log the user out.
-		if rt := fresh.RefreshToken(); rt != "" && rt != stored.RefreshToken() {
-			kept := stored.Merge(fresh.only(fieldRefreshToken))
-			if err := st.SaveToken(ctx, provider, bucket, kept); err != nil {
-				co.logError("credproxy: a rotated refresh token could not be saved; the user may have to log in again",
-					provider, bucket, err, stored, fresh)
-			}
-		}
+		co.keepRotated(ctx, provider, bucket, stored, fresh)
 		return Token{}, false, errBadExpiry
 	}
-	merged := stored.Merge(fresh)
 	if _, ok := fresh.lookup(fieldExpiry); !ok {
-		merged = merged.without(fieldExpiry) // never inherit a stale expiry
+		stored = stored.without(fieldExpiry) // never inherit a stale expiry
+	}
+	merged, dropped, fits := fitMerged(stored, fresh, maxSavedToken)
+	if !fits {
+		co.srv.log.Warn("credproxy: refresh failed", "provider", provider, "bucket", bucket, "err", errTokenTooLarge.Error())
+		co.keepRotated(ctx, provider, bucket, stored, fresh)
+		return Token{}, false, errTokenTooLarge
+	}
+	if len(dropped) > 0 {
+		co.srv.log.Warn("credproxy: refreshed token too large with all the stored members; left some out",
+			"provider", provider, "bucket", bucket, "members", dropped)
 	}
 	if err := st.SaveToken(ctx, provider, bucket, merged); err != nil {
 		// The provider may have rotated the refresh token: this is the one
@@ -338,6 +369,21 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	}
 	co.srv.log.Info("credproxy: token refreshed", "provider", provider, "bucket", bucket)
 	return merged, true, nil
+}
+
+// keepRotated saves the refresh token of a provider's answer that failed
+// the refresh all the same: the provider may have rotated it, and losing
+// it would log the user out.
+func (co *coordinator) keepRotated(ctx context.Context, provider, bucket string, stored, fresh Token) {
+	rt := fresh.RefreshToken()
+	if rt == "" || rt == stored.RefreshToken() {
+		return
+	}
+	kept := stored.Merge(fresh.only(fieldRefreshToken))
+	if err := co.srv.opts.Store.SaveToken(ctx, provider, bucket, kept); err != nil {
+		co.logError("credproxy: a rotated refresh token could not be saved; the user may have to log in again",
+			provider, bucket, err, stored, fresh)
+	}
 }
 
 // validFor returns how long tok stays valid after now: a lot for a token

@@ -64,6 +64,9 @@ func (co *coordinator) report(provider, bucket string, called bool, err error, r
 	if hook == nil {
 		return
 	}
+	if err != nil && !isRedacted(err) {
+		err = redactError(err) // a store's or lock's error: no token to name, but redact's heuristics still apply
+	}
 	ev := RefreshEvent{Provider: provider, Bucket: bucket, Err: err}
 	switch {
 	case err == nil && called:
@@ -98,7 +101,7 @@ func isRedacted(err error) bool {
 }
 
 // redactError returns err with the secrets of tokens redacted from its
-// text.
+// text, which is cut to maxLoggedText bytes.
 func redactError(err error, tokens ...Token) error {
-	return &redactedError{msg: redact(err.Error(), secretsOf(tokens)...), cause: err}
+	return &redactedError{msg: redactCut(err.Error(), secretsOf(tokens)...), cause: err}
 }

@@ -194,6 +194,44 @@ func (t Token) Merge(newer Token) Token {
 	return newToken(merged.members)
 }
 
+// fitMerged is stored.Merge(fresh), for a refresh, held to limit bytes of
+// JSON: when the merge is larger, it keeps every member of fresh and the
+// stored refresh token, then the stored token's other members, smallest
+// first, while they fit. It returns the names of the members it left out,
+// and ok false if fresh alone does not fit. A peer may pad the stored
+// token up to the save_token cap; the provider's next answer must not
+// push it past what a frame can carry.
+func fitMerged(stored, fresh Token, limit int) (_ Token, dropped []string, ok bool) {
+	merged := stored.Merge(fresh)
+	if len(merged.Reveal()) <= limit {
+		return merged, nil, true
+	}
+	base := stored.only(fieldRefreshToken).Merge(fresh)
+	size := len(base.Reveal())
+	if size > limit {
+		return Token{}, nil, false
+	}
+	var rest []member
+	for _, m := range stored.members {
+		if base.index(m.name) < 0 {
+			rest = append(rest, m)
+		}
+	}
+	slices.SortStableFunc(rest, func(a, b member) int { return (len(a.name) + len(a.value)) - (len(b.name) + len(b.value)) })
+	members := slices.Clone(base.members)
+	for _, m := range rest {
+		quoted, _ := jsontext.AppendQuote(nil, m.name)
+		n := len(quoted) + len(m.value) + 2 // colon and comma
+		if size+n > limit {
+			dropped = append(dropped, m.name)
+			continue
+		}
+		members = append(members, m)
+		size += n
+	}
+	return newToken(members), dropped, true
+}
+
 // without returns t without its member called name.
 func (t Token) without(name string) Token {
 	i := t.index(name)

@@ -108,8 +108,9 @@ type Options struct {
 	// provider ended (see [RefreshEvent]); for example, a host CLI can ask
 	// its user to log in again on RefreshReauthRequired. It is called on
 	// the refresh's own goroutine once the requests waiting for the
-	// refresh have their answer, for one provider and bucket at a time;
-	// it must not block for long.
+	// refresh have their answer; calls for one provider and bucket do not
+	// overlap unless one blocks past the next refresh. It may call
+	// Shutdown or Close, and may run after they have returned.
 	OnRefresh func(RefreshEvent)
 
 	// IdleTimeout closes a connection through [Server.Serve] that has
@@ -535,7 +536,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 		s.cancel()
-		s.refresh.close()
+		// Refreshes end promptly once cancelled, unless a Refresher
+		// ignores its context: then ctx bounds the wait.
+		flown := make(chan struct{})
+		go func() { s.refresh.close(); close(flown) }()
+		select {
+		case <-flown:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
 		s.endSessions()
 		return err
 	case <-ctx.Done():
@@ -574,8 +583,9 @@ func (s *Server) stop() {
 
 // Close closes the listeners and every connection at once, cancelling the
 // context of requests in flight, like http.Server.Close. It returns once
-// every connection goroutine has exited, which takes as long as the
-// slowest store call takes to honour its cancelled context. Close may be
+// every connection goroutine and host-side refresh has exited, which
+// takes as long as the slowest store call or Refresher takes to honour
+// its cancelled context. Close may be
 // called more than once, and before Serve.
 func (s *Server) Close() error {
 	s.stop()
@@ -1363,7 +1373,11 @@ func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket st
 	if len(incoming.Reveal()) > maxSavedToken {
 		return errTokenTooLarge
 	}
-	return st.SaveToken(ctx, provider, bucket, incoming)
+	if err := st.SaveToken(ctx, provider, bucket, incoming); err != nil {
+		return err
+	}
+	s.refresh.savedByPeer(tokenKey(provider, bucket), incoming)
+	return nil
 }
 
 // removeToken deletes a token under its per-key lock, so that a
@@ -1480,7 +1494,7 @@ func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) r
 		return res
 	case errors.Is(err, context.DeadlineExceeded) && (ctx.Err() != nil || op == OpGetToken):
 		return failure(CodeInternalError, "refresh timed out")
-	case errors.Is(err, errBadExpiry) || isRedacted(err):
+	case errors.Is(err, errBadExpiry) || errors.Is(err, errTokenTooLarge) || isRedacted(err):
 		return failure(CodeInternalError, "refresh failed") // logged by the coordinator
 	}
 	s.logStoreError(op, a, err)
