@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"errors"
+	"strings"
 	"time"
 )
 
@@ -44,8 +45,10 @@ type RefreshEvent struct {
 	Bucket   string // never empty: [DefaultBucket] when the request named none
 	Outcome  RefreshOutcome
 
-	// RetryAfter, with RefreshFailed, is how long the server waits before
-	// it asks the provider again for this token.
+	// RetryAfter, with RefreshFailed, is how long from now the server waits
+	// before it asks the provider again for this token. The backoff counts
+	// from the refresh's first attempt (30 s, doubling), so after retries
+	// it is less than the round figure.
 	RetryAfter time.Duration
 
 	// Err, unless the refresh succeeded, says why it did not, with the
@@ -103,5 +106,8 @@ func isRedacted(err error) bool {
 // redactError returns err with the secrets of tokens redacted from its
 // text, which is cut to maxLoggedText bytes.
 func redactError(err error, tokens ...Token) error {
-	return &redactedError{msg: redactCut(err.Error(), secretsOf(tokens)...), cause: err}
+	// One line: golang.org/x/oauth2 puts the response body on a line of
+	// its own, and a host prints the error in a line of its log.
+	msg := strings.ReplaceAll(redactCut(err.Error(), secretsOf(tokens)...), "\n", " ")
+	return &redactedError{msg: msg, cause: err}
 }

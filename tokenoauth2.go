@@ -58,7 +58,10 @@ func (t Token) OAuth2() *oauth2.Token {
 // as it was, with o's AccessToken, TokenType, Expiry and RefreshToken in
 // place of the originals where they differ.
 func TokenFromOAuth2(o *oauth2.Token) (Token, error) {
-	if o == nil || o.AccessToken == "" {
+	if o == nil {
+		return Token{}, tokenError("the oauth2.Token is nil")
+	}
+	if o.AccessToken == "" {
 		return Token{}, tokenError("access_token must be a non-empty string")
 	}
 	f := TokenFields{

@@ -37,7 +37,7 @@ func TestTokenFromOAuth2(t *testing.T) {
 			in   *oauth2.Token
 			msg  string
 		}{
-			{"nil", nil, "access_token must be a non-empty string"},
+			{"nil", nil, "the oauth2.Token is nil"},
 			{"no access token", &oauth2.Token{RefreshToken: "fake-r"}, "access_token must be a non-empty string"},
 			{"negative expires_in", &oauth2.Token{AccessToken: "fake-a", ExpiresIn: -1}, "expires_in must be a positive number of seconds, at most 10 years"},
 			{"absurd expires_in", &oauth2.Token{AccessToken: "fake-a", ExpiresIn: 1e12}, "expires_in must be a positive number of seconds, at most 10 years"},

@@ -52,8 +52,8 @@ type TokenSourceOptions struct {
 // oauth2.NewClient wraps the source in oauth2.ReuseTokenSource, which
 // keeps a token of its own until 10 seconds before it expires (a token
 // without an expiry, forever) and so never sees Invalidate. To act on a
-// 401, give the source to an oauth2.Transport directly, as the example
-// does: the source keeps its token itself.
+// 401, give the source to an oauth2.Transport directly, as the example of
+// [TokenSource.Invalidate] does: the source keeps its token itself.
 type TokenSource struct {
 	ctx              context.Context
 	client           *Client
