@@ -42,14 +42,16 @@ func (c *Client) token(ctx context.Context, op Op, provider, bucket string) (Tok
 }
 
 // RefreshToken asks the host to refresh the token of provider and bucket
-// ("" for the default bucket) and returns the new token, without its
-// refresh token, which stays on the host. If the stored token is still
-// valid for over a minute (someone refreshed it meanwhile), the host
-// returns it without asking the provider. Failures match [ErrNotFound],
-// [ErrProviderNotFound] (the host cannot refresh this provider),
-// [ErrRefreshNotAvailable] and [ErrReauthRequired] (the user must log in
-// again on the host), and [ErrRateLimited] (refreshed moments ago; see
-// [RemoteError].RetryAfter).
+// ("" for the default bucket), because the one this process holds stopped
+// working, and returns the new token, without its refresh token, which
+// stays on the host. The host asks the provider unless the token was
+// refreshed moments ago or the store holds a newer one than this session
+// was given; then it returns that one (PROTOCOL.md, "Operations").
+// Failures match [ErrNotFound], [ErrProviderNotFound] (the host cannot
+// refresh this provider), [ErrRefreshNotAvailable] and [ErrReauthRequired]
+// (the user must log in again on the host), [ErrRateLimited] (refreshed,
+// or failed, moments ago; see [RemoteError].RetryAfter; not retried), and
+// [ErrInternal] (the provider failed).
 func (c *Client) RefreshToken(ctx context.Context, provider, bucket string) (Token, error) {
 	return c.token(ctx, OpRefreshToken, provider, bucket)
 }
