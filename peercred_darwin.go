@@ -6,10 +6,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxSocketPathLen is the longest usable socket path: sun_path is 104 bytes
-// on macOS, terminating NUL included.
-const maxSocketPathLen = 103
-
 // peerCreds reads the credentials the kernel recorded for the process that
 // connected c: LOCAL_PEERCRED for the uid and primary gid, LOCAL_PEERPID
 // for the pid. The pid is informational; a failure to read it leaves it

@@ -6,10 +6,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxSocketPathLen is the longest usable socket path: sun_path is 108 bytes
-// on Linux, terminating NUL included.
-const maxSocketPathLen = 107
-
 // peerCreds reads the credentials the kernel recorded for the process that
 // connected c (SO_PEERCRED): its uid, gid and pid at connect time.
 func peerCreds(c *net.UnixConn) (Peer, error) {

@@ -8,10 +8,6 @@ import (
 	"runtime"
 )
 
-// maxSocketPathLen is the longest usable socket path: sun_path is 108
-// bytes on Windows and most other systems, terminating NUL included.
-const maxSocketPathLen = 107
-
 // peerCreds cannot identify the peer on this platform. The server logs a
 // warning once and serves the connection as an unknown [Peer]; the socket's
 // file mode and its unguessable name are the defence.
