@@ -11,49 +11,15 @@ import (
 	"github.com/go-json-experiment/json/jsontext"
 )
 
-// envelope is the top level of every frame. Member names match exactly and
-// unknown members are ignored (PROTOCOL.md, "JSON rules"); the json package
-// rejects duplicate names at any depth and invalid UTF-8. Each member decodes itself from the
-// raw value as it is read, so that decoding copies nothing but the id and
-// the payload, and the payload into a buffer its requestDecoder reuses.
+// envelope is the top level of a frame as the fallback decoder reads it.
+// Member names match exactly and unknown members are ignored (PROTOCOL.md,
+// "JSON rules"); the json package rejects duplicate names at any depth
+// and invalid UTF-8.
 type envelope struct {
-	V       envVersion `json:"v"`
-	ID      envID      `json:"id"`
-	Op      envOp      `json:"op"`
-	Payload envPayload `json:"payload"`
-}
-
-type envVersion struct {
-	n  int64
-	ok bool // an integer
-}
-
-func (v *envVersion) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
-	raw, err := dec.ReadValue()
-	v.n, v.ok = clampedInt(raw)
-	return err
-}
-
-type envID string
-
-func (id *envID) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
-	raw, err := dec.ReadValue()
-	*id = envID(decodeID(raw))
-	return err
-}
-
-type envOp struct {
-	op string
-	ok bool // a string
-}
-
-func (o *envOp) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
-	raw, err := dec.ReadValue()
-	*o = envOp{}
-	if err == nil {
-		o.op, o.ok = decodeOp(raw)
-	}
-	return err
+	V       jsontext.Value `json:"v"`
+	ID      jsontext.Value `json:"id"`
+	Op      jsontext.Value `json:"op"`
+	Payload jsontext.Value `json:"payload"`
 }
 
 // decodeOp returns the text of an op value and whether it is a string.
@@ -71,28 +37,6 @@ func decodeOp(raw jsontext.Value) (string, bool) {
 	return string(op), true
 }
 
-type envPayload struct {
-	buf   []byte // the payload object, when there is one
-	isObj bool
-	bad   bool // present, but neither an object nor null
-}
-
-func (p *envPayload) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
-	raw, err := dec.ReadValue()
-	if err != nil {
-		return err
-	}
-	p.isObj, p.bad = false, false
-	switch raw.Kind() {
-	case 'n':
-	case '{':
-		p.buf, p.isObj = append(p.buf[:0], raw...), true
-	default:
-		p.bad = true
-	}
-	return nil
-}
-
 // requestDecoder decodes the envelopes of one connection, reusing its
 // buffers; the payload of a request it returns is valid until its next
 // decode, or until the frame it decoded is overwritten.
@@ -107,7 +51,6 @@ func (p *envPayload) UnmarshalJSONFrom(dec *jsontext.Decoder) error {
 type requestDecoder struct {
 	frame bytes.Buffer // wraps the frame, which jsontext then reads in place
 	dec   jsontext.Decoder
-	env   envelope
 
 	// The payloads the token path validates (see valid), and the names it
 	// last accepted, by payload shape (see decodeArgs).
@@ -131,27 +74,28 @@ type request struct {
 	members    payloadMembers // of payload, when the token path read them
 }
 
-// decodeRequest parses a frame into a request. Only malformed JSON fails
-// here; a bad id, op or payload is recorded for the caller to answer in the
-// order the protocol sets.
-func decodeRequest(frame []byte) (request, *protoError) {
-	var d requestDecoder
-	return d.decode(frame)
-}
-
+// decode parses a frame into a request. Only malformed JSON fails here; a
+// bad id, op or payload is recorded for the caller to answer in the order
+// the protocol sets.
 func (d *requestDecoder) decode(frame []byte) (request, *protoError) {
 	if req, ok := d.decodeTokens(frame); ok {
 		return req, nil
 	}
-	d.env = envelope{Payload: envPayload{buf: d.env.Payload.buf[:0]}}
-	if err := json.Unmarshal(frame, &d.env); err != nil {
+	// The frames the token path leaves (escaped member names, malformed
+	// JSON) are rare, so this path is plain: it also words the error.
+	var env envelope
+	if err := json.Unmarshal(frame, &env); err != nil {
 		return request{}, jsonError(err, "request")
 	}
-	env := &d.env
-	req := request{id: string(env.ID), op: env.Op.op, opOK: env.Op.ok, version: env.V.n, versionOK: env.V.ok,
-		payloadErr: env.Payload.bad}
-	if env.Payload.isObj {
-		req.payload = env.Payload.buf
+	req := request{id: decodeID(env.ID)}
+	req.op, req.opOK = decodeOp(env.Op)
+	req.version, req.versionOK = clampedInt(env.V)
+	switch env.Payload.Kind() {
+	case 0, 'n':
+	case '{':
+		req.payload = env.Payload
+	default:
+		req.payloadErr = true
 	}
 	return req, nil
 }

@@ -362,3 +362,9 @@ func rateLimited(req request, retryAfter int) string {
 func okResponse(req request, data string) string {
 	return string(appendOKStart(nil, req.id)) + data + "}"
 }
+
+// decodeRequest decodes one frame with a decoder of its own.
+func decodeRequest(frame []byte) (request, *protoError) {
+	var d requestDecoder
+	return d.decode(frame)
+}
