@@ -59,6 +59,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strconv"
 )
 
@@ -150,6 +151,18 @@ type Peer struct {
 	uid, gid uint32
 	pid      int32
 	hasIDs   bool
+}
+
+// NewPeer returns the Peer of a process with the given uid, gid and pid,
+// as the kernel would report it; a pid of 0 or less means the pid is not
+// known, and a negative uid or gid gives the unknown (zero) Peer. The
+// server never takes a Peer from a client: NewPeer is for tests of a
+// [Policy], and for code that identifies peers by other means.
+func NewPeer(uid, gid, pid int) Peer {
+	if uid < 0 || gid < 0 || uint64(uid) > math.MaxUint32 || uint64(gid) > math.MaxUint32 {
+		return Peer{}
+	}
+	return Peer{uid: uint32(uid), gid: uint32(gid), pid: int32(max(0, min(pid, math.MaxInt32))), hasIDs: true}
 }
 
 // UID returns the peer's effective user id, and false if it is unknown.

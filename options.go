@@ -68,8 +68,7 @@ type Options struct {
 	StoreTimeout time.Duration
 
 	// WriteTimeout bounds the write of one response; a peer that does not
-	// read its responses is disconnected after it (after 0.9 to 1 times
-	// it: the deadline is moved only once it falls a tenth behind). Zero
+	// read its responses is disconnected after about this long. Zero
 	// means 10s.
 	WriteTimeout time.Duration
 

@@ -101,3 +101,24 @@ func TestDenialKindsSurviveTheSocket(t *testing.T) {
 		t.Errorf("denial frame %s, want %s", got, want)
 	}
 }
+
+// A Policy can be tested without a socket: NewPeer makes the Peer the
+// kernel would report, and an impossible one is the unknown Peer.
+func TestNewPeerBuildsThePeerAPolicySees(t *testing.T) {
+	p := NewPeer(1000, 100, 4242)
+	uid, ok := p.UID()
+	if !ok || uid != 1000 || p.String() != "uid=1000 gid=100 pid=4242" {
+		t.Errorf("NewPeer(1000, 100, 4242) = %v (uid %d, %v)", p, uid, ok)
+	}
+	if _, ok := NewPeer(1000, 100, 0).PID(); ok {
+		t.Error("a pid of 0 is reported as known")
+	}
+	big := int64(1) << 40 // past uint32 where int has 64 bits
+	if NewPeer(-1, 0, 1) != (Peer{}) || (int64(int(big)) == big && NewPeer(int(big), 0, 1) != (Peer{})) {
+		t.Error("an impossible uid does not give the unknown Peer")
+	}
+	grant := &Grant{Providers: []string{"anthropic"}}
+	if err := grant.Authorize(context.Background(), &Request{Peer: p, Op: OpGetToken, Provider: "openai", Bucket: DefaultBucket}); !errors.Is(err, ErrProviderDenied) {
+		t.Errorf("the grant allowed a provider it does not name: %v", err)
+	}
+}

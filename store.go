@@ -105,7 +105,12 @@ func NewMemoryStore() *MemoryStore {
 	}
 }
 
-var _ Store = (*MemoryStore)(nil)
+var _ StoreCloser = (*MemoryStore)(nil)
+
+// Close does nothing and returns nil: a MemoryStore holds nothing but
+// memory. It is there so that a MemoryStore can stand wherever a
+// [StoreCloser] is expected, like a [KeyringStore]; the store stays usable.
+func (m *MemoryStore) Close() error { return nil }
 
 func checkNames(names ...string) error {
 	for _, n := range names {

@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"crypto/subtle"
+	"encoding/json"
 	"math"
 	"strconv"
 	"time"
@@ -161,11 +162,12 @@ func (t Token) Expiry() (time.Time, bool) {
 	return time.Unix(int64(whole), int64(frac*1e9)), true
 }
 
-// Field returns a copy of the raw JSON value of the named member, and false
-// if it is absent. Use it for provider-specific members.
-func (t Token) Field(name string) (jsontext.Value, bool) {
+// Field returns a copy of the raw JSON value of the named member, in its
+// compact form, and false if it is absent. Use it for provider-specific
+// members; json.Unmarshal decodes it.
+func (t Token) Field(name string) (json.RawMessage, bool) {
 	v, ok := t.lookup(name)
-	return v.Clone(), ok
+	return json.RawMessage(v.Clone()), ok
 }
 
 // Names returns the names of the token's members in the order they arrived.

@@ -222,7 +222,7 @@ func TestParsedTokenReparsesUnchanged(t *testing.T) {
 		if err != nil || !back.Equal(tok) {
 			t.Errorf("%s: parsed %s, reparsed %s, %v", in, tok.Reveal(), back.Reveal(), err)
 		}
-		if v, _ := tok.Field(fieldExpiry); v.Kind() != '0' || !jsontext.Value(v).IsValid() {
+		if v, _ := tok.Field(fieldExpiry); jsontext.Value(v).Kind() != '0' || !jsontext.Value(v).IsValid() {
 			t.Errorf("%s: expiry %s, want a number", in, v)
 		}
 	}

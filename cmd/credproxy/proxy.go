@@ -113,7 +113,7 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, error) {
 	switch p.store {
 	case "memory":
-		st := memoryStore{credproxy.NewMemoryStore()}
+		st := credproxy.NewMemoryStore()
 		if p.importFile != "" {
 			data, err := os.ReadFile(p.importFile)
 			if err != nil {
@@ -132,11 +132,6 @@ func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, erro
 	}
 	return nil, usageError("-store must be keyring or memory, not %q", p.store)
 }
-
-// memoryStore is a MemoryStore that can be closed like the others.
-type memoryStore struct{ *credproxy.MemoryStore }
-
-func (memoryStore) Close() error { return nil }
 
 const runSynopsis = `Usage: credproxy run [flags] -- CMD [ARGS...]
 
