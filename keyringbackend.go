@@ -3,6 +3,7 @@ package credproxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 
@@ -29,21 +30,41 @@ func (s *KeyringStore) keys(ring keyring.Keyring) ([]string, error) {
 	return names, nil
 }
 
-// get returns the data of item, or an error wrapping ErrNotFound.
-func (s *KeyringStore) get(ctx context.Context, item string) ([]byte, error) {
+// get returns the data of item parsed by parse, or an error wrapping
+// ErrNotFound, or one wrapping errDamaged if parse fails. The file
+// backend's items come through its cache (see cachedGet); other backends
+// are asked every time.
+func get[T any](ctx context.Context, s *KeyringStore, item string, parse func([]byte) (T, error)) (T, error) {
+	if s.cache != nil {
+		return cachedGet(ctx, s, item, parse)
+	}
+	var zero T
 	data, err := read(ctx, s, func(ring keyring.Keyring) ([]byte, error) {
 		it, err := ring.Get(item)
 		return it.Data, err
 	})
-	switch {
-	case errors.Is(err, keyring.ErrKeyNotFound):
-		return nil, ErrNotFound
-	case err != nil && s.backend == string(keyring.FileBackend) && ctx.Err() == nil:
-		// The file backend's decryption errors say nothing useful to a user.
-		return nil, errors.New("the item cannot be decrypted: it was written with another password or is damaged")
+	if errors.Is(err, keyring.ErrKeyNotFound) {
+		return zero, ErrNotFound
 	}
-	return data, err
+	if err != nil {
+		return zero, err
+	}
+	return parseItem(data, parse)
 }
+
+// errDamaged is wrapped by get's error when an item's data does not parse.
+var errDamaged = errors.New("damaged")
+
+func parseItem[T any](data []byte, parse func([]byte) (T, error)) (T, error) {
+	v, err := parse(data)
+	if err != nil {
+		return v, fmt.Errorf("%w: %w", errDamaged, err)
+	}
+	return v, nil
+}
+
+// asSecret is the parse function of get for items that hold text.
+func asSecret(data []byte) (Secret, error) { return Secret(data), nil }
 
 // set writes item. The file backend writes through staging (see writeFile).
 func (s *KeyringStore) set(ctx context.Context, item keyring.Item) error {
@@ -62,10 +83,13 @@ func (s *KeyringStore) set(ctx context.Context, item keyring.Item) error {
 // whether the item is still there.
 func (s *KeyringStore) remove(ctx context.Context, item string) error {
 	err := s.write(ctx, func(ring keyring.Keyring) error { return ring.Remove(item) })
+	if s.cache != nil {
+		s.cache.drop(item)
+	}
 	if err == nil || errors.Is(err, keyring.ErrKeyNotFound) || errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	if _, getErr := s.get(ctx, item); errors.Is(getErr, ErrNotFound) {
+	if _, getErr := get(ctx, s, item, asSecret); errors.Is(getErr, ErrNotFound) {
 		return nil
 	}
 	return err

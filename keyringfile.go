@@ -1,6 +1,7 @@
 package credproxy
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,20 +9,21 @@ import (
 	"time"
 
 	"github.com/99designs/keyring"
+	jose "github.com/dvsekhvalnov/jose2go"
 	"golang.org/x/term"
 )
 
 // openFile opens the file backend: it gets the password, checks it against
 // the check item and clears staging left by killed writers.
 func (s *KeyringStore) openFile(password func() (string, error)) (*KeyringStore, error) {
-	s.backend, s.calls = string(keyring.FileBackend), nil
+	s.backend, s.calls, s.cache = string(keyring.FileBackend), nil, new(itemCache)
 	staging := filepath.Join(s.dir, stagingDirName)
 	if _, err := ensurePrivateDir(staging, "credential store directory"); err != nil {
 		return nil, err
 	}
 	removeStaleStaging(staging)
 
-	isNew := !fileExists(filepath.Join(s.dir, s.itemName(checkItemName)))
+	isNew := !fileExists(s.itemPath(s.itemName(checkItemName)))
 	if password == nil {
 		password = func() (string, error) { return passwordFromEnvOrTerminal(s.dir, isNew) }
 	}
@@ -152,4 +154,26 @@ func syncPath(name string) error {
 	}
 	defer f.Close()
 	return f.Sync()
+}
+
+// itemPath returns the file of item. The keyring library names it by
+// percent-encoding "%" and "/" in the item's name, which no item name of
+// the store holds.
+func (s *KeyringStore) itemPath(item string) string { return filepath.Join(s.dir, item) }
+
+// unseal decrypts the content of an item file and returns the item's data,
+// as the keyring library's file backend does in Get: a JWE whose payload is
+// the JSON of a keyring.Item. It costs milliseconds of CPU, nearly all of
+// it the key derivation (PBES2, 8192 rounds of HMAC-SHA256).
+func (s *KeyringStore) unseal(sealed []byte) ([]byte, error) {
+	s.unseals.Add(1)
+	payload, _, err := jose.DecodeBytes(string(sealed), string(s.password))
+	if err != nil {
+		return nil, err
+	}
+	var item keyring.Item
+	if err := json.Unmarshal(payload, &item); err != nil {
+		return nil, err
+	}
+	return item.Data, nil
 }

@@ -204,14 +204,14 @@ func (s *KeyringStore) openService(cfg keyring.Config, b keyring.BackendType) er
 func (s *KeyringStore) checkItem() error {
 	ctx := context.Background()
 	name := s.itemName(checkItemName)
-	data, err := s.get(ctx, name)
+	text, err := get(ctx, s, name, asSecret)
 	if errors.Is(err, ErrNotFound) {
 		if err := s.set(ctx, keyring.Item{Key: name, Data: []byte(checkText), Label: "credproxy store check"}); err != nil {
 			return err
 		}
-		data, err = s.get(ctx, name)
+		text, err = get(ctx, s, name, asSecret)
 	}
-	if err == nil && string(data) != checkText {
+	if err == nil && text != checkText {
 		err = errors.New("the check item reads back wrong")
 	}
 	return err

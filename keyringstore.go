@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 
 	"github.com/99designs/keyring"
 )
@@ -33,6 +34,13 @@ import (
 // item files in place.) Other backends are as atomic as the service behind
 // them.
 //
+// With the file backend, a read costs microseconds while the item is
+// unchanged: the store reads the item's file every time, but decrypts it
+// (milliseconds of CPU, nearly all key derivation) only when its content
+// differs from what it last decrypted. So a write by any process is seen
+// by the next read, and the decrypted items (up to 256) stay in memory.
+// Other backends are asked on every read.
+//
 // A KeyringStore is safe for concurrent use, by goroutines and by
 // processes sharing its directory. The keyring library cannot interrupt a
 // call to a backend: reads return early with ctx.Err() when ctx ends and
@@ -45,6 +53,8 @@ type KeyringStore struct {
 	dir      string
 	password Secret        // file backend only; a Secret so that %v of the store hides it
 	calls    chan struct{} // serialises calls to backends that are not safe for concurrent use; nil for file
+	cache    *itemCache    // file backend only
+	unseals  atomic.Int64  // item files decrypted, for tests
 }
 
 var (
@@ -93,16 +103,14 @@ func (s *KeyringStore) GetToken(ctx context.Context, provider, bucket string) (T
 	if err := begin(ctx, provider, bucket); err != nil {
 		return Token{}, err
 	}
-	data, err := s.get(ctx, s.tokenItem(provider, bucket))
-	if errors.Is(err, ErrNotFound) {
+	tok, err := get(ctx, s, s.tokenItem(provider, bucket), parseTokenAsIs)
+	switch {
+	case errors.Is(err, ErrNotFound):
 		return Token{}, errorf("no token for provider %s bucket %s: %w", provider, bucket, ErrNotFound)
-	}
-	if err != nil {
+	case errors.Is(err, errDamaged):
+		return Token{}, errorf("stored token for provider %s bucket %s is %w", provider, bucket, err)
+	case err != nil:
 		return Token{}, errorf("read token for provider %s bucket %s: %w", provider, bucket, err)
-	}
-	tok, err := parseTokenAsIs(data)
-	if err != nil {
-		return Token{}, errorf("stored token for provider %s bucket %s is damaged: %w", provider, bucket, err)
 	}
 	return tok, nil
 }
@@ -167,14 +175,14 @@ func (s *KeyringStore) GetAPIKey(ctx context.Context, name string) (Secret, erro
 	if err := begin(ctx, name); err != nil {
 		return "", err
 	}
-	data, err := s.get(ctx, s.apiKeyItem(name))
+	key, err := get(ctx, s, s.apiKeyItem(name), asSecret)
 	if errors.Is(err, ErrNotFound) {
 		return "", errorf("no API key %s: %w", name, ErrNotFound)
 	}
 	if err != nil {
 		return "", errorf("read API key %s: %w", name, err)
 	}
-	return Secret(data), nil
+	return key, nil
 }
 
 // SaveAPIKey stores key under name, replacing any other.
