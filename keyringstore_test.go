@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -59,7 +60,7 @@ func fixedPassword(pw string) func() (string, error) {
 // skipOrFail skips a test whose backend cannot run here, or fails it when
 // CREDPROXY_REQUIRE_BACKENDS is set: CI sets it, so that a missing package
 // there is a failure, not a silent skip.
-func skipOrFail(t *testing.T, format string, args ...any) {
+func skipOrFail(t testing.TB, format string, args ...any) {
 	t.Helper()
 	if os.Getenv("CREDPROXY_REQUIRE_BACKENDS") != "" {
 		t.Fatalf(format, args...)
@@ -186,7 +187,7 @@ var passSetup struct {
 // GNUPGHOME, for the whole test binary, and returns a new password store
 // initialised with it. GNUPGHOME is set in the environment because pass
 // runs gpg, which reads it from there.
-func setUpPass(t *testing.T) string {
+func setUpPass(t testing.TB) string {
 	t.Helper()
 	for _, tool := range []string{"pass", "gpg", "gpgconf"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -237,6 +238,13 @@ func setUpPass(t *testing.T) string {
 // with a fake password. (The keyring library looks for the bus once, as
 // the program starts, so the bus must exist before the process does.)
 func runUnderSecretService(t *testing.T) {
+	runSecretServiceChild(t, "-test.run=^TestKeyringStoreConformance$/^secret-service$")
+}
+
+// runSecretServiceChild runs the test binary with args, under a D-Bus
+// session as runUnderSecretService describes, and returns its output.
+func runSecretServiceChild(t testing.TB, args ...string) string {
+	t.Helper()
 	for _, tool := range []string{"dbus-run-session", "gnome-keyring-daemon"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			skipOrFail(t, "secret-service backend needs %s (Debian: apt-get install --no-install-recommends gnome-keyring dbus-user-session)", tool)
@@ -248,8 +256,7 @@ func runUnderSecretService(t *testing.T) {
 		t.Fatal(err)
 	}
 	script := `printf %s "$KEYRING_UNLOCK" | gnome-keyring-daemon --unlock --components=secrets >/dev/null && exec "$@"`
-	args := []string{"--", "sh", "-c", script, "sh", os.Args[0], "-test.count=1",
-		"-test.run=^TestKeyringStoreConformance$/^secret-service$"}
+	args = append([]string{"--", "sh", "-c", script, "sh", os.Args[0], "-test.count=1"}, args...)
 	if testing.Verbose() {
 		args = append(args, "-test.v")
 	}
@@ -258,11 +265,12 @@ func runUnderSecretService(t *testing.T) {
 		"HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"), "XDG_RUNTIME_DIR="+runtimeDir)
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "PASS") {
-		t.Fatalf("secret-service conformance run: %v\n%s", err, out)
+		t.Fatalf("secret-service run: %v\n%s", err, out)
 	}
 	if testing.Verbose() {
 		t.Logf("child run:\n%s", out)
 	}
+	return string(out)
 }
 
 // keyringConfig returns backend settings with the given pass directory and
@@ -318,6 +326,8 @@ func counterStore(t *testing.T) (string, *KeyringStore) {
 //   - "increment": CREDPROXY_TEST_COUNT times, under LockToken, reads the
 //     token and saves it with its counter plus one; then prints "done".
 //   - "hold-lock": takes the lock, prints "locked" and waits to be killed.
+//   - "save": saves counterToken(CREDPROXY_TEST_COUNT) once; prints "done".
+//   - "remove": removes the token; prints "done".
 func runStoreHelper(job, dir string) int {
 	st, err := OpenKeyringStore(KeyringOptions{Backend: "file", Dir: dir, Password: fixedPassword(fakeStorePassword)})
 	if err != nil {
@@ -356,6 +366,17 @@ func runStoreHelper(job, dir string) int {
 				return 1
 			}
 			unlock()
+		}
+		fmt.Println("done")
+	case "save", "remove":
+		n, _ := strconv.Atoi(os.Getenv("CREDPROXY_TEST_COUNT"))
+		err := st.SaveToken(ctx, "p", "", counterToken(n))
+		if job == "remove" {
+			err = st.RemoveToken(ctx, "p", "")
+		}
+		if err != nil {
+			fmt.Println(err)
+			return 1
 		}
 		fmt.Println("done")
 	case "hold-lock":
@@ -441,40 +462,46 @@ func TestKeyringFileStoreSurvivesKilledWriters(t *testing.T) {
 		rounds, sawOld, sawNew, last, len(staged))
 }
 
-// A reader in another process than the writer never sees a torn token:
-// every read returns a whole token, and the counters never go back.
+// A reader in another process than the writer never sees a torn token
+// nor a stale one: every read returns a whole token, at least as new as
+// the last save that had returned when the read began, and the counters
+// never go back.
 func TestKeyringFileStoreReaderNeverSeesTornWrites(t *testing.T) {
-	t.Parallel() // a process or processes of its own; overlaps the others
-	reads := scaled(300)
+	t.Parallel()       // a process or processes of its own; overlaps the others
+	want := scaled(50) // new tokens to see
 	dir, st := counterStore(t)
 	ctx := context.Background()
 	_, lines := storeHelper(t, "save-loop", dir)
 	if !lines.Scan() {
 		t.Fatal("writer printed nothing")
 	}
+	var acked atomic.Int64 // the last save the writer reported done
 	go func() {
 		for lines.Scan() {
+			n, _ := strconv.Atoi(lines.Text())
+			acked.Store(int64(n))
 		}
 	}()
-	prev, changes := 0, 0
-	for range reads {
+	prev, changes, reads := 0, 0, 0
+	for deadline := time.Now().Add(20 * time.Second); changes < want && time.Now().Before(deadline); reads++ {
+		saved := int(acked.Load())
 		tok, err := st.GetToken(ctx, "p", "")
 		if err != nil {
 			t.Fatalf("read beside a writer: %v", err)
 		}
 		n, err := counterOf(tok)
-		if err != nil || n < prev {
-			t.Fatalf("read beside a writer: counter %d after %d, %v", n, prev, err)
+		if err != nil || n < prev || n < saved {
+			t.Fatalf("read beside a writer: counter %d after %d, with save %d done before the read: %v", n, prev, saved, err)
 		}
 		if n != prev {
 			changes++
 		}
 		prev = n
 	}
-	if changes < reads/10 {
-		t.Fatalf("only %d of %d reads saw a new token: the reads did not overlap the writes", changes, reads)
+	if changes < want {
+		t.Fatalf("only %d of %d reads saw a new token in 20s: the reads did not overlap the writes", changes, reads)
 	}
-	t.Logf("%d reads beside a writer: %d saw a new token, 0 torn", reads, changes)
+	t.Logf("%d reads beside a writer: %d saw a new token, 0 torn, 0 stale", reads, changes)
 }
 
 // R8.3 across processes: two processes incrementing one token under
@@ -750,6 +777,9 @@ func BenchmarkKeyringFileStore(b *testing.B) {
 	st := openFileStore(b, storeDir(b))
 	ctx := context.Background()
 	tok := counterToken(1)
+	if err := st.SaveToken(ctx, "p", "", tok); err != nil { // for GetToken run alone
+		b.Fatal(err)
+	}
 	b.Run("SaveToken", func(b *testing.B) {
 		for b.Loop() {
 			if err := st.SaveToken(ctx, "p", "", tok); err != nil {

@@ -1,0 +1,147 @@
+package credproxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"slices"
+	"sync"
+
+	"github.com/99designs/keyring"
+)
+
+// maxCachedItems bounds the file store's cache: a store holds one item per
+// token and API key, a handful in practice. Past the bound, an arbitrary
+// item is dropped and is decrypted again at its next read.
+const maxCachedItems = 256
+
+// itemCache keeps the file backend's items in memory, decrypted and parsed
+// (a Token or a Secret, both immutable), each with the content of the item
+// file it was decrypted from. Decrypting an item costs milliseconds of CPU
+// (the key derivation); reading its file costs microseconds. So every read
+// reads the file, and returns the cached value only if the content is byte
+// for byte the one that was decrypted: it is the same ciphertext, so the
+// same item. A write by anyone, in this process or another, renamed into
+// place or rewritten in place, at whatever time and size, is seen by the
+// next read; a removed file is not found. Metadata (inode, size, mtime)
+// would be cheaper still, but an inode is reused once freed, and an
+// in-place write within one tick of the file system's clock keeps all
+// three.
+//
+// The decrypted secrets stay in memory until the item changes, is removed
+// or is dropped; the server holds what it serves in memory anyway. An
+// itemCache is safe for concurrent use; its zero value is empty.
+type itemCache struct {
+	mu    sync.RWMutex
+	items map[string]cachedItem
+}
+
+type cachedItem struct {
+	sealed []byte // the item file's content
+	value  any
+}
+
+func (c *itemCache) get(item string) cachedItem {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.items[item]
+}
+
+func (c *itemCache) put(item string, sealed []byte, value any) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.items == nil {
+		c.items = make(map[string]cachedItem)
+	}
+	if _, ok := c.items[item]; !ok && len(c.items) >= maxCachedItems {
+		for other := range c.items {
+			delete(c.items, other)
+			break
+		}
+	}
+	c.items[item] = cachedItem{sealed, value}
+}
+
+func (c *itemCache) drop(item string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.items, item)
+}
+
+func (c *itemCache) len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.items)
+}
+
+// cachedGet is get for the file backend: it reads the item file, and
+// decrypts and parses it only if its content is not the cached one. The
+// decryption runs through read, so that it ends early with ctx.
+func cachedGet[T any](ctx context.Context, s *KeyringStore, item string, parse func([]byte) (T, error)) (T, error) {
+	var zero T
+	if err := ctx.Err(); err != nil {
+		return zero, err
+	}
+	cached := s.cache.get(item)
+	sealed, same, err := readSealed(s.itemPath(item), cached.sealed)
+	if err != nil {
+		s.cache.drop(item)
+		if errors.Is(err, fs.ErrNotExist) {
+			return zero, ErrNotFound
+		}
+		return zero, err
+	}
+	if v, ok := cached.value.(T); ok && same {
+		return v, nil
+	}
+	data, err := read(ctx, s, func(keyring.Keyring) ([]byte, error) { return s.unseal(sealed) })
+	if err != nil {
+		if ctx.Err() != nil {
+			return zero, err
+		}
+		s.cache.drop(item)
+		// The decryption's errors say nothing useful to a user.
+		return zero, errors.New("the item cannot be decrypted: it was written with another password or is damaged")
+	}
+	v, err := parseItem(data, parse)
+	if err != nil {
+		s.cache.drop(item)
+		return zero, err
+	}
+	s.cache.put(item, sealed, v)
+	return v, nil
+}
+
+// sealedBufs holds the buffers readSealed compares file content in.
+var sealedBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// readSealed returns the content of the file at path. If it is exactly
+// cached, it returns cached and true, having allocated nothing for it.
+func readSealed(path string, cached []byte) (sealed []byte, same bool, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, false, err
+	}
+	defer f.Close()
+	if cached == nil {
+		sealed, err = io.ReadAll(f)
+		return sealed, false, err
+	}
+	bp := sealedBufs.Get().(*[]byte)
+	defer sealedBufs.Put(bp)
+	// One byte more than cached, to tell a longer file apart.
+	*bp = slices.Grow((*bp)[:0], len(cached)+1)
+	buf := (*bp)[:len(cached)+1]
+	n, err := io.ReadFull(f, buf)
+	switch {
+	case err == io.ErrUnexpectedEOF && n == len(cached) && bytes.Equal(buf[:n], cached):
+		return cached, true, nil
+	case err != nil && err != io.ErrUnexpectedEOF && err != io.EOF:
+		return nil, false, err
+	}
+	rest, err := io.ReadAll(f)
+	return append(bytes.Clone(buf[:n]), rest...), false, err
+}
