@@ -270,17 +270,3 @@ func (s *KeyringStore) list(ctx context.Context, keep func(parts []string) (stri
 	slices.Sort(names)
 	return slices.Compact(names), nil
 }
-
-// TokenLocker is implemented by a [Store] that can serialise work on one
-// token across processes. The server takes the lock, after its own
-// in-process one, around the read-merge-write of save_token and around
-// remove_token, so two hosts serving one store never interleave them.
-// [KeyringStore] implements it.
-//
-// LockToken blocks until it holds the lock of provider and bucket ("" for
-// [DefaultBucket]) or ctx ends; then it returns an error wrapping
-// ctx.Err(). The lock must be released when its holder dies, and unlock
-// must be safe to call more than once.
-type TokenLocker interface {
-	LockToken(ctx context.Context, provider, bucket string) (unlock func(), err error)
-}
