@@ -358,8 +358,8 @@ func (s *Server) serveRequest(c *conn, id string, op Op, a args, start time.Time
 	defer putBuffer(buf)
 	// The success response is built in place: exec appends the data object
 	// after the envelope's opening, and a failure starts the frame over.
-	ctx.req = Request{Peer: c.peer, Op: op, Provider: a.provider, Bucket: a.bucket, Key: a.name}
-	res := s.exec(ctx, c.sess, &ctx.req, a, appendOKStart(startFrame((*buf)[:0]), id))
+	req := Request{Peer: c.peer, Op: op, Provider: a.provider, Bucket: a.bucket, Key: a.name}
+	res := s.exec(ctx, c.sess, &req, a, appendOKStart(startFrame((*buf)[:0]), id))
 	now := time.Now()
 	if res.fail == nil && ctx.errAt(now) != nil {
 		// The store answered after its deadline (15 s), or the server is

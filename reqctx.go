@@ -7,15 +7,21 @@ import (
 )
 
 // requestContext is a request's context: the server's context with the
-// store deadline. context.WithTimeout costs four allocations per request;
+// store deadline. context.WithDeadline costs four allocations per request;
 // this costs one, because its Done channel, timer and link to the server's
-// context are made only if a store asks for Done. Err is exact either
-// way: it reads the clock and the server's context. It carries no values,
-// so context.Cause of it is its Err.
+// context are made only if a store asks for Done (MemoryStore never does;
+// the file KeyringStore does only when it must decrypt). Err is exact
+// either way: it reads the clock and the server's context.
+//
+// The trade-off, measured with BenchmarkGetToken on MemoryStore: with
+// context.WithDeadline, 5 allocations per get_token instead of 2, and
+// 0.66 to 0.70 of the floor's throughput instead of 0.75 to 0.78. It
+// carries no values, so context.Cause of it is its Err; a server option
+// that let embedders put values in request contexts would need
+// context.WithDeadline back.
 type requestContext struct {
 	base     context.Context
 	deadline time.Time
-	req      Request // the policy's view of the request, here to save it an allocation
 
 	mu       sync.Mutex
 	done     chan struct{} // made by the first Done
