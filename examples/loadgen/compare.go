@@ -19,7 +19,8 @@ import (
 type compareConfig struct {
 	Duration time.Duration // per server at each connection count
 	Slices   int           // the servers take turns, in this many slices of Duration
-	Conns    []int         // connection counts; 1 is measured pinned (server on CPU 0, client on CPU 1)
+	Conns    []int         // connection counts; 1 is measured pinned, as Pin says
+	Pin      string        // "SERVER,CLIENT": the CPUs for one connection; "" or "none": unpinned
 	Bin      string        // directory of loadgen, floorserver, memserver and credproxy; "" builds them
 	Out      io.Writer     // the table
 }
@@ -36,9 +37,9 @@ const getToken = `{"v":1,"id":"1","op":"get_token","payload":{"provider":"anthro
 // (floorserver), memserver -rate 0 (MemoryStore) and credproxy serve on a
 // file keyring store, each a process of its own, with a loadgen process
 // per slice as the client. At one connection the servers run on CPU 0 and
-// the clients on CPU 1 (with taskset, where there is one), each process
-// then having GOMAXPROCS=1, as BenchmarkGetToken's one-connection case
-// does; at more, all share the machine. The servers take turns in
+// the clients on CPU 1 (cfg.Pin; with taskset, where there is one), each
+// process then having GOMAXPROCS=1, as BenchmarkGetToken's one-connection
+// case does; at more, all share the machine. The servers take turns in
 // slices, so that all three meet the same moments of a noisy machine.
 func runCompare(cfg compareConfig) error {
 	if cfg.Slices < 1 {
@@ -74,6 +75,13 @@ func runCompare(cfg compareConfig) error {
 		return fmt.Errorf("credproxy token set: %w\n%s", err, out)
 	}
 
+	var pinServer, pinClient string
+	if cfg.Pin != "" && cfg.Pin != "none" {
+		var ok bool
+		if pinServer, pinClient, ok = strings.Cut(cfg.Pin, ","); !ok {
+			return fmt.Errorf("-pin %q: want SERVER,CLIENT, such as 0,1", cfg.Pin)
+		}
+	}
 	taskset, _ := exec.LookPath("taskset")
 	fmt.Fprintf(cfg.Out, "get_token from outside, %v per server and connection count in %d alternating slices\n\n", cfg.Duration, cfg.Slices)
 	fmt.Fprintln(cfg.Out, "| server | conns | req/s | ratio | p50 | p50 ratio | p99 | ok/s | server CPU/req | server RSS peak |")
@@ -81,9 +89,9 @@ func runCompare(cfg compareConfig) error {
 	for _, conns := range cfg.Conns {
 		var serverPin, clientPin []string
 		label := fmt.Sprint(conns)
-		if conns == 1 && taskset != "" {
-			serverPin, clientPin = []string{taskset, "-c", "0"}, []string{taskset, "-c", "1"}
-			label += " pinned"
+		if conns == 1 && taskset != "" && pinServer != "" {
+			serverPin, clientPin = []string{taskset, "-c", pinServer}, []string{taskset, "-c", pinClient}
+			label += " pinned " + cfg.Pin
 		}
 		targets, err := startTargets(bin, dir, tokens, env, serverPin)
 		if err != nil {

@@ -19,7 +19,7 @@ func TestCompare(t *testing.T) {
 		t.Skip("the servers listen on Unix sockets and get the capability token on descriptor 3")
 	}
 	var out strings.Builder
-	if err := runCompare(compareConfig{Duration: 400 * time.Millisecond, Slices: 2, Conns: []int{1, 4}, Out: &out}); err != nil {
+	if err := runCompare(compareConfig{Duration: 400 * time.Millisecond, Slices: 2, Conns: []int{1, 4}, Pin: "0,1", Out: &out}); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
 	t.Log("\n" + out.String())

@@ -61,11 +61,12 @@ func run() error {
 		raw      = flag.String("raw", "", "also write the run's figures and every latency to this `file`, for -compare")
 		compare  = flag.Bool("compare", false, "start the floor, memserver and credproxy serve and measure them from outside, -d each, at 1 pinned connection and 16 connections")
 		turns    = flag.Int("slices", 10, "with -compare, how many alternating slices -d is measured in")
+		pin      = flag.String("pin", "0,1", "with -compare, the `CPUs` of server and client at one connection (taskset -c); none: unpinned")
 		bin      = flag.String("bin", "", "with -compare, the `directory` holding loadgen, floorserver, memserver and credproxy (default: go build them into a temporary one)")
 	)
 	flag.Parse()
 	if *compare {
-		return runCompare(compareConfig{Duration: *duration, Slices: *turns, Conns: []int{1, 16}, Bin: *bin, Out: os.Stdout})
+		return runCompare(compareConfig{Duration: *duration, Slices: *turns, Conns: []int{1, 16}, Pin: *pin, Bin: *bin, Out: os.Stdout})
 	}
 	if *socket == "" {
 		return errors.New("no socket: set -socket or LLXPRT_CREDENTIAL_SOCKET")
