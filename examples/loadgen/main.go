@@ -5,6 +5,7 @@
 //	loadgen -socket $LLXPRT_CREDENTIAL_SOCKET -c 16 -d 10s -op get_token -provider anthropic
 //	loadgen -socket ... -c 64 -d 10s -pid $(pgrep memserver)   # also the server's RSS and CPU
 //	loadgen -socket ... -idle 1000 -pid ...                       # memory per idle connection
+//	loadgen -compare -d 5s     # floor, memserver and credproxy serve, 1 pinned and 16 connections
 //
 // Each connection completes the handshake, then sends one request at a
 // time and waits for its answer. It prints req/s, p50, p99 and max latency
@@ -12,6 +13,15 @@
 // with -pid, the server's RSS at the start, peak and end, and its CPU use.
 // With -idle N it opens N connections, completes their handshakes, and
 // reports the server's RSS before and after, per connection.
+//
+// A session's socket needs its capability token: as the library's clients
+// do, loadgen reads it from the file descriptor named by
+// LLXPRT_CAPABILITY_FD (3), e.g. LLXPRT_CAPABILITY_FD=3 loadgen ... 3<<<"$token".
+//
+// With -compare it measures, from outside, three servers that it starts
+// itself: examples/floorserver (the floor), examples/memserver -rate 0
+// (MemoryStore) and credproxy serve on a file keyring store in a
+// temporary directory; see compare.go.
 package main
 
 import (
@@ -48,13 +58,25 @@ func run() error {
 		key      = flag.String("key", "openai", "API key name for get_api_key and has_api_key")
 		pid      = flag.Int("pid", 0, "also sample this process's RSS and CPU (Linux)")
 		idle     = flag.Int("idle", 0, "instead of load, hold this many idle connections and report the server's RSS per connection (needs -pid)")
+		raw      = flag.String("raw", "", "also write the run's figures and every latency to this `file`, for -compare")
+		compare  = flag.Bool("compare", false, "start the floor, memserver and credproxy serve and measure them from outside, -d each, at 1 pinned connection and 16 connections")
+		turns    = flag.Int("slices", 10, "with -compare, how many alternating slices -d is measured in")
+		pin      = flag.String("pin", "0,1", "with -compare, the `CPUs` of server and client at one connection (taskset -c); none: unpinned")
+		bin      = flag.String("bin", "", "with -compare, the `directory` holding loadgen, floorserver, memserver and credproxy (default: go build them into a temporary one)")
 	)
 	flag.Parse()
+	if *compare {
+		return runCompare(compareConfig{Duration: *duration, Slices: *turns, Conns: []int{1, 16}, Pin: *pin, Bin: *bin, Out: os.Stdout})
+	}
 	if *socket == "" {
 		return errors.New("no socket: set -socket or LLXPRT_CREDENTIAL_SOCKET")
 	}
+	capability, err := capabilityFromEnv()
+	if err != nil {
+		return err
+	}
 	if *idle > 0 {
-		return idleConnections(*socket, *idle, *pid)
+		return idleConnections(*socket, capability, *idle, *pid)
 	}
 	var payload string
 	switch *op {
@@ -71,7 +93,7 @@ func run() error {
 
 	clients := make([]net.Conn, *conns)
 	for i := range clients {
-		c, err := dialHandshaken(*socket)
+		c, err := dialHandshaken(*socket, capability)
 		if err != nil {
 			return err
 		}
@@ -114,6 +136,11 @@ func run() error {
 	if len(all) == 0 {
 		return fmt.Errorf("no request completed (%d errors)", errCount.Load())
 	}
+	if *raw != "" {
+		if err := writeRaw(*raw, runFigures{Elapsed: elapsed, Errors: errCount.Load(), Latencies: all}); err != nil {
+			return err
+		}
+	}
 	fmt.Printf("%s x %d connections for %v: %.0f req/s, p50 %v, p99 %v, max %v, errors %d\n",
 		*op, len(clients), duration.Round(time.Millisecond), float64(len(all))/elapsed.Seconds(),
 		all[len(all)/2], all[len(all)*99/100], all[len(all)-1], errCount.Load())
@@ -129,12 +156,38 @@ func frame(payload string) []byte {
 	return append(f, payload...)
 }
 
-func dialHandshaken(socket string) (net.Conn, error) {
+// capabilityFromEnv reads a session's capability token from the
+// descriptor LLXPRT_CAPABILITY_FD names, if it is set.
+func capabilityFromEnv() (string, error) {
+	v := os.Getenv("LLXPRT_CAPABILITY_FD")
+	if v == "" {
+		return "", nil
+	}
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 0 {
+		return "", fmt.Errorf("LLXPRT_CAPABILITY_FD=%q is not a descriptor", v)
+	}
+	f := os.NewFile(uintptr(fd), "capability")
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, 256))
+	if err != nil {
+		return "", fmt.Errorf("reading the capability token: %w", err)
+	}
+	return strings.TrimSpace(string(data)), nil
+}
+
+// dialHandshaken connects to socket and completes the handshake,
+// presenting capability if it is not "".
+func dialHandshaken(socket, capability string) (net.Conn, error) {
 	c, err := net.Dial("unix", socket)
 	if err != nil {
 		return nil, err
 	}
-	answer, err := roundTrip(c, frame(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`), nil)
+	hello := `{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`
+	if capability != "" {
+		hello = fmt.Sprintf(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1,"capabilityToken":%q}}`, capability)
+	}
+	answer, err := roundTrip(c, frame(hello), nil)
 	if err != nil || !bytes.Contains(answer, []byte(`"ok":true`)) {
 		c.Close()
 		return nil, fmt.Errorf("handshake: %q, %v", answer, err)
@@ -159,7 +212,7 @@ func roundTrip(c net.Conn, request, buf []byte) ([]byte, error) {
 
 // idleConnections holds n handshaken connections and reports what they
 // cost the server in RSS.
-func idleConnections(socket string, n, pid int) error {
+func idleConnections(socket, capability string, n, pid int) error {
 	if pid == 0 {
 		return errors.New("-idle needs -pid")
 	}
@@ -171,7 +224,7 @@ func idleConnections(socket string, n, pid int) error {
 		}
 	}()
 	for range n {
-		c, err := dialHandshaken(socket)
+		c, err := dialHandshaken(socket, capability)
 		if err != nil {
 			return fmt.Errorf("after %d connections: %w", len(conns), err)
 		}
@@ -227,13 +280,16 @@ func (s *procSampler) stop() string {
 }
 
 // rssKB reads VmRSS from /proc/PID/status.
-func rssKB(pid int) int {
+func rssKB(pid int) int { return statusKB(pid, "VmRSS:") }
+
+// statusKB reads a field in kB, such as "VmHWM:", from /proc/PID/status.
+func statusKB(pid int, field string) int {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if rest, ok := strings.CutPrefix(line, field); ok {
 			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")))
 			return kb
 		}

@@ -9,6 +9,10 @@
 // refreshes on the host through the standard OAuth2 refresh grant at that
 // token endpoint: refresh_token works, get_token refreshes a token about to
 // expire, and served tokens are renewed before they expire.
+// With -keyring it serves the host's keyring store instead of memory (as
+// credproxy serve does, with CREDPROXY_KEYRING_BACKEND and
+// CREDPROXY_KEYRING_PASSWORD), and -tokens saves into it: a benchmark
+// target for that store without serve's rate limits.
 // When the server listens it prints one line, LLXPRT_CREDENTIAL_SOCKET=<path>,
 // on stdout; logs go to stderr. With -session it serves a session instead:
 // clients must present its capability token, which it prints on a second
@@ -58,6 +62,7 @@ func run() error {
 		tokenURL   = flag.String("token-url", "", "OAuth2 token endpoint `URL`: refresh every provider's tokens there")
 		clientID   = flag.String("client-id", "", "OAuth2 client `id` for -token-url")
 		secret     = flag.String("client-secret", "", "OAuth2 client `secret` for -token-url (visible in ps; for tests)")
+		keyring    = flag.Bool("keyring", false, "serve the host's keyring store (see CREDPROXY_KEYRING_BACKEND and CREDPROXY_KEYRING_PASSWORD) instead of memory; -tokens saves into it")
 		allow      credproxy.AllowList
 	)
 	flag.Var((*names)(&allow.Providers), "allow-provider", "allow this `provider` (repeatable; none: all, or with -session nothing)")
@@ -68,7 +73,15 @@ func run() error {
 		return fmt.Errorf("unexpected arguments %q; see -help", flag.Args())
 	}
 
-	store := credproxy.NewMemoryStore()
+	var store credproxy.Store = credproxy.NewMemoryStore()
+	if *keyring {
+		ks, err := credproxy.OpenKeyringStore(credproxy.KeyringOptions{})
+		if err != nil {
+			return err
+		}
+		defer ks.Close()
+		store = ks
+	}
 	if *tokensFile != "" {
 		data, err := os.ReadFile(*tokensFile)
 		if err != nil {
