@@ -132,12 +132,11 @@ type clientConn struct {
 	closing bool // closed on purpose: idle or Client.Close
 
 	// The idle timer closes the connection once it has had no call pending
-	// for IdleTimeout. Arming it records idleGen in armedGen; registering a
-	// call bumps idleGen, which disarms it without a timer operation.
-	idle     *time.Timer
-	idleAt   time.Time
-	idleGen  uint64
-	armedGen uint64
+	// for IdleTimeout: armed when the last pending call ends, stopped when
+	// a call registers. idleAt is when it was armed, so that a firing that
+	// raced with a Stop and a later arming finds too little idle time.
+	idle   *time.Timer
+	idleAt time.Time
 }
 
 type callResult struct {

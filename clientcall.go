@@ -258,7 +258,9 @@ func (c *Client) register(ctx context.Context, ch chan<- callResult) (*clientCon
 			c.nextID++
 			id := strconv.FormatUint(c.nextID, 10)
 			cc.pending[id] = ch
-			cc.idleGen++ // disarms the idle timer
+			if cc.idle != nil {
+				cc.idle.Stop()
+			}
 			c.mu.Unlock()
 			return cc, id, nil
 		}

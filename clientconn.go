@@ -154,8 +154,6 @@ func (c *Client) armIdleLocked(cc *clientConn) {
 	if c.opts.IdleTimeout < 0 {
 		return
 	}
-	cc.idleGen++
-	cc.armedGen = cc.idleGen
 	cc.idleAt = time.Now()
 	if cc.idle != nil {
 		cc.idle.Reset(c.opts.IdleTimeout)
@@ -164,10 +162,10 @@ func (c *Client) armIdleLocked(cc *clientConn) {
 	cc.idle = time.AfterFunc(c.opts.IdleTimeout, func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		// A firing that raced with a later arming finds the connection
-		// idle for less than IdleTimeout; the reset timer fires again.
-		if c.cc == cc && len(cc.pending) == 0 && cc.armedGen == cc.idleGen &&
-			time.Since(cc.idleAt) >= c.opts.IdleTimeout {
+		// A firing that raced with a call's Stop finds the call pending, or,
+		// if the connection was armed again since, too little idle time:
+		// the reset timer fires again.
+		if c.cc == cc && len(cc.pending) == 0 && time.Since(cc.idleAt) >= c.opts.IdleTimeout {
 			c.cc = nil
 			c.closeConnLocked(cc)
 		}
