@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"syscall"
 
 	"github.com/99designs/keyring"
 )
@@ -37,6 +38,9 @@ const maxCachedItems = 256
 type itemCache struct {
 	mu    sync.RWMutex
 	items map[string]cachedItem
+	// gen counts drops: a read that began before one (and decrypts for
+	// milliseconds) must not put back what was just removed.
+	gen uint64
 }
 
 type cachedItem struct {
@@ -44,15 +48,21 @@ type cachedItem struct {
 	value  any
 }
 
-func (c *itemCache) get(item string) cachedItem {
+// get returns the cached item and the generation to hand to put.
+func (c *itemCache) get(item string) (cachedItem, uint64) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	return c.items[item]
+	return c.items[item], c.gen
 }
 
-func (c *itemCache) put(item string, sealed []byte, value any) {
+// put caches value, unless something was dropped since the get that
+// returned gen.
+func (c *itemCache) put(item string, gen uint64, sealed []byte, value any) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
 	if c.items == nil {
 		c.items = make(map[string]cachedItem)
 	}
@@ -69,6 +79,7 @@ func (c *itemCache) drop(item string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.items, item)
+	c.gen++
 }
 
 func (c *itemCache) len() int {
@@ -85,7 +96,7 @@ func cachedGet[T any](ctx context.Context, s *KeyringStore, item string, parse f
 	if err := ctx.Err(); err != nil {
 		return zero, err
 	}
-	cached := s.cache.get(item)
+	cached, gen := s.cache.get(item)
 	sealed, same, err := readSealed(s.itemPath(item), cached.sealed)
 	if err != nil {
 		s.cache.drop(item)
@@ -97,7 +108,7 @@ func cachedGet[T any](ctx context.Context, s *KeyringStore, item string, parse f
 	if v, ok := cached.value.(T); ok && same {
 		return v, nil
 	}
-	data, err := read(ctx, s, func(keyring.Keyring) ([]byte, error) { return s.unseal(sealed) })
+	data, err := read(ctx, s, func(keyring.Keyring) ([]byte, error) { return s.unseal(item, sealed) })
 	if err != nil {
 		if ctx.Err() != nil {
 			return zero, err
@@ -111,23 +122,45 @@ func cachedGet[T any](ctx context.Context, s *KeyringStore, item string, parse f
 		s.cache.drop(item)
 		return zero, err
 	}
-	s.cache.put(item, sealed, v)
+	s.cache.put(item, gen, sealed, v)
 	return v, nil
 }
 
 // sealedBufs holds the buffers readSealed compares file content in.
 var sealedBufs = sync.Pool{New: func() any { return new([]byte) }}
 
+// maxItemFile bounds what readSealed reads of an item file: the largest
+// token a peer can save (a frame), sealed (base64 and JWE's envelope),
+// with room to spare.
+const maxItemFile = 4 * MaxFrameSize
+
 // readSealed returns the content of the file at path. If it is exactly
 // cached, it returns cached and true, having allocated nothing for it.
+// It reads regular files only, opened without blocking, so that a FIFO
+// or device in the item's place fails the read at once instead of
+// holding it past its deadline (the read runs on the caller's goroutine;
+// only a hung file system can still hold it).
 func readSealed(path string, cached []byte) (sealed []byte, same bool, err error) {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, false, err
 	}
 	defer f.Close()
+	fi, err := f.Stat()
+	switch {
+	case err != nil:
+		return nil, false, err
+	case !fi.Mode().IsRegular():
+		return nil, false, errors.New("the item is not a regular file")
+	case fi.Size() > maxItemFile:
+		return nil, false, errors.New("the item file is too large")
+	}
+	r := io.LimitReader(f, maxItemFile+1)
 	if cached == nil {
-		sealed, err = io.ReadAll(f)
+		sealed, err = io.ReadAll(r)
+		if err == nil && len(sealed) > maxItemFile {
+			err = errors.New("the item file is too large")
+		}
 		return sealed, false, err
 	}
 	bp := sealedBufs.Get().(*[]byte)
@@ -135,13 +168,17 @@ func readSealed(path string, cached []byte) (sealed []byte, same bool, err error
 	// One byte more than cached, to tell a longer file apart.
 	*bp = slices.Grow((*bp)[:0], len(cached)+1)
 	buf := (*bp)[:len(cached)+1]
-	n, err := io.ReadFull(f, buf)
+	n, err := io.ReadFull(r, buf)
 	switch {
 	case err == io.ErrUnexpectedEOF && n == len(cached) && bytes.Equal(buf[:n], cached):
 		return cached, true, nil
 	case err != nil && err != io.ErrUnexpectedEOF && err != io.EOF:
 		return nil, false, err
 	}
-	rest, err := io.ReadAll(f)
-	return append(bytes.Clone(buf[:n]), rest...), false, err
+	rest, err := io.ReadAll(r)
+	sealed = append(bytes.Clone(buf[:n]), rest...)
+	if err == nil && len(sealed) > maxItemFile {
+		err = errors.New("the item file is too large")
+	}
+	return sealed, false, err
 }

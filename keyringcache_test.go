@@ -237,7 +237,7 @@ func TestKeyringFileStoreConcurrentReadersBesideWriter(t *testing.T) {
 func TestKeyringCacheIsBounded(t *testing.T) {
 	var c itemCache
 	for i := range maxCachedItems + 10 {
-		c.put(fmt.Sprint("item", i), []byte("sealed"), Secret("value"))
+		c.put(fmt.Sprint("item", i), 0, []byte("sealed"), Secret("value"))
 	}
 	if n := c.len(); n != maxCachedItems {
 		t.Fatalf("the cache holds %d items; want %d", n, maxCachedItems)

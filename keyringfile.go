@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -165,7 +166,7 @@ func (s *KeyringStore) itemPath(item string) string { return filepath.Join(s.dir
 // as the keyring library's file backend does in Get: a JWE whose payload is
 // the JSON of a keyring.Item. It costs milliseconds of CPU, nearly all of
 // it the key derivation (PBES2, 8192 rounds of HMAC-SHA256).
-func (s *KeyringStore) unseal(sealed []byte) ([]byte, error) {
+func (s *KeyringStore) unseal(name string, sealed []byte) ([]byte, error) {
 	s.unseals.Add(1)
 	payload, _, err := jose.DecodeBytes(string(sealed), string(s.password))
 	if err != nil {
@@ -174,6 +175,10 @@ func (s *KeyringStore) unseal(sealed []byte) ([]byte, error) {
 	var item keyring.Item
 	if err := json.Unmarshal(payload, &item); err != nil {
 		return nil, err
+	}
+	if item.Key != name {
+		// Another item's file copied or linked into this one's place.
+		return nil, errors.New("the item file holds another item")
 	}
 	return item.Data, nil
 }
