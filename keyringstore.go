@@ -45,7 +45,10 @@ import (
 // processes sharing its directory. The keyring library cannot interrupt a
 // call to a backend: reads return early with ctx.Err() when ctx ends and
 // leave the call to finish in the background, and writes, once started, run
-// to completion. The zero KeyringStore is not usable.
+// to completion. The file backend reads an item's file directly, so as to
+// serve it from memory: only regular files of bounded size, opened without
+// blocking, so that nothing in the item's place can hold a read; a hung
+// file system (network, FUSE) can. The zero KeyringStore is not usable.
 type KeyringStore struct {
 	ring     keyring.Keyring
 	backend  string
