@@ -21,10 +21,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"os/exec"
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"syscall"
 
 	"github.com/credproxy/credproxy"
 )
@@ -50,12 +53,15 @@ in the credproxy source, has the rules.
 `
 
 // Exit codes besides the command's own: 1 for an error, 2 for a usage
-// error, and 125 when run cannot start the proxy (CMD never started), as
-// container runtimes use it.
+// error; and for run, as container runtimes use them, 125 for run's own
+// errors (CMD never started), 126 when CMD cannot be executed and 127 when
+// it is not found.
 const (
 	exitError      = 1
 	exitUsage      = 2
 	exitNoProxy    = 125
+	exitCannotExec = 126
+	exitNotFound   = 127
 	exitSignalBase = 128
 )
 
@@ -113,6 +119,40 @@ func report(err error, std stdio) int {
 	}
 	fmt.Fprintln(std.err, "credproxy:", strings.TrimPrefix(err.Error(), "credproxy: "))
 	return exitError
+}
+
+// reportRun prints err, an error of run's own, as report does, and returns
+// the exit code run ends with for it: 0 for the help that was asked for,
+// and 125 for every other error, usage errors included, as container
+// runtimes do, so that it cannot be taken for CMD's own status.
+func reportRun(err error, std stdio) int {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	fmt.Fprintln(std.err, "credproxy:", message(err))
+	return exitNoProxy
+}
+
+// reportStart prints err, the error of starting CMD, and returns the exit
+// code run ends with for it, as shells and container runtimes report
+// them: 127 when CMD was not found, 126 when it could not be executed, and
+// 125 otherwise.
+func reportStart(err error, std stdio) int {
+	fmt.Fprintln(std.err, "credproxy:", message(err))
+	switch {
+	case errors.Is(err, exec.ErrNotFound), errors.Is(err, fs.ErrNotExist):
+		return exitNotFound
+	case errors.Is(err, fs.ErrPermission), errors.Is(err, syscall.ENOEXEC):
+		return exitCannotExec
+	}
+	return exitNoProxy
+}
+
+// message is err's text without the credproxy: prefixes that the
+// library's errors carry (embedders print them as they are), so that the
+// one the command adds is the only one.
+func message(err error) string {
+	return strings.ReplaceAll(err.Error(), "credproxy: ", "")
 }
 
 type usageErr struct{ msg string }

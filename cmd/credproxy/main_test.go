@@ -172,14 +172,15 @@ func TestEveryCommandHasHelpWithAnExample(t *testing.T) {
 
 // run gives CMD the socket, leaves the store password out of its
 // environment, and exits with CMD's status: its code, or 128 + the signal
-// that killed it.
+// that killed it; and 125 for an error of its own (issue 15), such as no
+// CMD.
 func TestRunExitsWithTheCommandsStatus(t *testing.T) {
 	env := append(hostEnv(t), "PATH="+os.Getenv("PATH"))
 	r := credproxyCmd(t, env, "", "run", "-store", "memory", "--", "sh", "-c",
 		`test -S "$LLXPRT_CREDENTIAL_SOCKET" && echo socket; echo "pw=$CREDPROXY_KEYRING_PASSWORD"; exit 3`)
 	r.want(t, 3, "socket\npw=\n")
 	credproxyCmd(t, env, "", "run", "-store", "memory", "--", "sh", "-c", "kill -KILL $$").want(t, 128+9, "")
-	credproxyCmd(t, env, "", "run", "-store", "memory").want(t, 2, "")
+	credproxyCmd(t, env, "", "run", "-store", "memory").want(t, 125, "")
 }
 
 // SIGTERM to run reaches the command; when it exits, run removes the
@@ -206,7 +207,8 @@ func TestRunForwardsSIGTERMAndRemovesTheSocket(t *testing.T) {
 
 // A proxy that cannot start (its session directory belongs to someone
 // else, or sits in a directory someone else owns) means the command never
-// starts, and run says why and exits 125.
+// starts, and run says why and exits 125; so does an old flag (issue 15:
+// run's usage errors exit 125).
 func TestRunDoesNotStartTheCommandWithoutAProxy(t *testing.T) {
 	needRoot(t, "needs root to give the directory to another user")
 	theirs := filepath.Join(t.TempDir(), "sockets")
@@ -229,7 +231,7 @@ func TestRunDoesNotStartTheCommandWithoutAProxy(t *testing.T) {
 		}
 	}
 	r := credproxyCmd(t, hostEnv(t), "", "run", "-store", "memory", "-socket-dir", theirs, "--", "true")
-	if r.code != 2 || !strings.Contains(r.stderr, "-socket-dir is gone") || !strings.Contains(r.stderr, "-session-dir") {
+	if r.code != 125 || !strings.Contains(r.stderr, "-socket-dir is gone") || !strings.Contains(r.stderr, "-session-dir") {
 		t.Errorf("the old -socket-dir flag: %+v", r)
 	}
 }
