@@ -18,6 +18,32 @@ func onePrefix(t *testing.T, stderr string) {
 	}
 }
 
+// Issue 15, item 6: help that was asked for goes to stdout and exits 0;
+// a usage error goes to stderr and exits 2. --version and version -help
+// work.
+func TestHelpAskedForGoesToStdout(t *testing.T) {
+	for _, args := range [][]string{{"-help"}, {"--help"}, {"-h"}, {"help"}, {"token", "-help"}, {"token", "set", "-help"},
+		{"token", "get", "-h"}, {"key", "--help"}, {"key", "ls", "-help"}, {"run", "-help"}, {"serve", "-help"}, {"version", "-help"}} {
+		r := credproxyCmd(t, hostEnv(t), "", args...)
+		if r.code != 0 || !strings.Contains(r.stdout, "Usage:") || r.stderr != "" {
+			t.Errorf("credproxy %v: exit %d, stdout %q, stderr %q; want exit 0, the help on stdout", args, r.code, r.stdout, r.stderr)
+		}
+	}
+	for _, args := range [][]string{{}, {"bogus"}, {"token"}, {"token", "-bogus"}, {"token", "get"}, {"key", "set", "-raw"},
+		{"serve", "-bogus"}, {"version", "x"}} {
+		r := credproxyCmd(t, hostEnv(t), "", args...)
+		if r.code != 2 || r.stdout != "" || !strings.HasPrefix(r.stderr, "credproxy") {
+			t.Errorf("credproxy %v: exit %d, stdout %q, stderr %q; want exit 2, an error on stderr", args, r.code, r.stdout, r.stderr)
+		}
+		onePrefix(t, r.stderr)
+	}
+	for _, flag := range []string{"--version", "-version"} {
+		if r := credproxyCmd(t, hostEnv(t), "", flag); r.code != 0 || !strings.HasPrefix(r.stdout, "credproxy ") {
+			t.Errorf("credproxy %s: %+v", flag, r)
+		}
+	}
+}
+
 // Issue 15, item 6: run exits 125 for its own errors, flag errors
 // included, 127 when CMD is not found and 126 when it cannot be executed,
 // as container runtimes do; otherwise with CMD's status.

@@ -157,12 +157,12 @@ func TestTokenAndKeyCommandsOnTheHost(t *testing.T) {
 }
 
 // Every command answers -help with its synopsis, flags and a worked
-// example, on stderr, and exits 0.
+// example, on stdout (issue 15: help that was asked for), and exits 0.
 func TestEveryCommandHasHelpWithAnExample(t *testing.T) {
-	for _, cmd := range []string{"run", "serve", "token", "key"} {
+	for _, cmd := range []string{"run", "serve", "token", "key", "version"} {
 		r := credproxyCmd(t, os.Environ(), "", cmd, "-help")
-		if r.code != 0 || !strings.Contains(r.stderr, "Usage:") || !strings.Contains(r.stderr, "Example:") {
-			t.Errorf("credproxy %s -help: exit %d, stderr:\n%s", cmd, r.code, r.stderr)
+		if r.code != 0 || !strings.Contains(r.stdout, "Usage:") || !strings.Contains(r.stdout, "Example:") {
+			t.Errorf("credproxy %s -help: exit %d, stdout:\n%s", cmd, r.code, r.stdout)
 		}
 	}
 	if r := credproxyCmd(t, os.Environ(), "", "version"); r.code != 0 || !strings.HasPrefix(r.stdout, "credproxy ") {

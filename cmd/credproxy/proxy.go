@@ -59,7 +59,7 @@ func parseProxyFlags(fs *flag.FlagSet, args []string) error {
 			return usageError("-%s is gone: a directory of sockets must not be mounted into a sandbox, since the sandbox would reach every proxy in it. Each run now has a session directory of its own: choose it with -session-dir DIR, or find it as the directory of $%s, and mount it read-only", name, credproxy.SocketEnv)
 		}
 	}
-	return fs.Parse(args)
+	return parseFlags(fs, args)
 }
 
 func appendTo(list *[]string) func(string) error {

@@ -64,7 +64,6 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 			bucket = rest[1]
 		}
 	default:
-		fs.Usage()
 		return usageError("token %s: wrong number of arguments", verb)
 	}
 	st, err := credproxy.OpenStore(ctx)
@@ -119,7 +118,6 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 			}
 		}
 	default:
-		fs.Usage()
 		return usageError("unknown token command %q", verb)
 	}
 	return nil
@@ -133,7 +131,6 @@ func keyCommand(ctx context.Context, args []string, std stdio) error {
 		return err
 	}
 	if (verb == "ls") != (len(rest) == 0) || len(rest) > 1 {
-		fs.Usage()
 		return usageError("key %s: wrong number of arguments", verb)
 	}
 	st, err := credproxy.OpenStore(ctx)
@@ -178,7 +175,6 @@ func keyCommand(ctx context.Context, args []string, std stdio) error {
 			fmt.Fprintln(std.out, n)
 		}
 	default:
-		fs.Usage()
 		return usageError("unknown key command %q", verb)
 	}
 	return nil
@@ -189,13 +185,12 @@ func parseVerb(fs *flag.FlagSet, args []string) (verb string, rest []string, err
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		verb, args = args[0], args[1:]
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		return "", nil, err
 	}
 	rest = fs.Args()
 	if verb == "" {
 		if len(rest) == 0 {
-			fs.Usage()
 			return "", nil, usageError("missing command: get, set, rm or ls")
 		}
 		verb, rest = rest[0], rest[1:]
