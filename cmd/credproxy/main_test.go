@@ -87,7 +87,7 @@ func credproxyCmd(t *testing.T, env []string, stdin string, args ...string) resu
 
 // credproxyCmdFD3 is credproxyCmd with fd3 on the binary's descriptor 3,
 // through a pipe, as a launcher hands over a capability token.
-func credproxyCmdFD3(t *testing.T, env []string, fd3 string, args ...string) result {
+func credproxyCmdFD3(t *testing.T, env []string, stdin, fd3 string, args ...string) result {
 	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -96,7 +96,7 @@ func credproxyCmdFD3(t *testing.T, env []string, fd3 string, args ...string) res
 	w.WriteString(fd3)
 	w.Close()
 	defer r.Close()
-	return runBinary(t, binary, env, "", []*os.File{r}, args...)
+	return runBinary(t, binary, env, stdin, []*os.File{r}, args...)
 }
 
 // runBinary runs bin with env, stdin and extra descriptors from 3 on, and
@@ -259,8 +259,8 @@ func TestServePrintsTheSocketAndStopsOnSIGTERM(t *testing.T) {
 		t.Errorf("token get without the capability token: %+v", r)
 	}
 	withToken := append(env, credproxy.CapabilityFDEnv+"=3")
-	credproxyCmdFD3(t, withToken, token+"\n", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
-	r = credproxyCmdFD3(t, withToken, token+"\n", "key", "set", "openai")
+	credproxyCmdFD3(t, withToken, "", token+"\n", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
+	r = credproxyCmdFD3(t, withToken, fakeKey, token+"\n", "key", "set", "openai")
 	if r.code != 1 || !strings.Contains(r.stderr, "manage keys on the host") {
 		t.Errorf("key set through the proxy: %+v", r)
 	}
