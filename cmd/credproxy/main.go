@@ -21,10 +21,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"os/exec"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/credproxy/credproxy"
 )
@@ -50,12 +54,15 @@ in the credproxy source, has the rules.
 `
 
 // Exit codes besides the command's own: 1 for an error, 2 for a usage
-// error, and 125 when run cannot start the proxy (CMD never started), as
-// container runtimes use it.
+// error; and for run, as container runtimes use them, 125 for run's own
+// errors (CMD never started), 126 when CMD cannot be executed and 127 when
+// it is not found.
 const (
 	exitError      = 1
 	exitUsage      = 2
 	exitNoProxy    = 125
+	exitCannotExec = 126
+	exitNotFound   = 127
 	exitSignalBase = 128
 )
 
@@ -86,11 +93,12 @@ func mainWith(args []string, std stdio) int {
 		err = tokenCommand(ctx, args, std)
 	case "key":
 		err = keyCommand(ctx, args, std)
-	case "version":
-		fmt.Fprintf(std.out, "credproxy %s (protocol %d, %s %s/%s)\n", version(), credproxy.ProtocolVersion,
-			runtime.Version(), runtime.GOOS, runtime.GOARCH)
-		return 0
+	case "version", "-version", "--version":
+		err = versionCommand(args, std)
 	case "help", "-h", "-help", "--help":
+		if len(args) > 0 && slices.Contains([]string{"run", "serve", "token", "key", "version"}, args[0]) {
+			return mainWith([]string{args[0], "-help"}, std)
+		}
 		fmt.Fprint(std.out, usage)
 		return 0
 	default:
@@ -99,7 +107,27 @@ func mainWith(args []string, std stdio) int {
 	return report(err, std)
 }
 
-// report prints err, if any, and returns the exit code it calls for.
+const versionSynopsis = `Usage: credproxy version
+
+Prints credproxy's version, the protocol version it speaks, and the Go
+version and platform it was built with. -version and --version do the same.`
+
+func versionCommand(args []string, std stdio) error {
+	fs := newFlags("version", versionSynopsis, "  credproxy version", std)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usageError("version takes no arguments")
+	}
+	fmt.Fprintf(std.out, "credproxy %s (protocol %d, %s %s/%s)\n", version(), credproxy.ProtocolVersion,
+		runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	return nil
+}
+
+// report prints err, if any, on stderr with one credproxy: prefix, and
+// returns the exit code it calls for: 0 for the help that was asked for
+// (already printed on stdout), 2 for a usage error, 1 for any other.
 func report(err error, std stdio) int {
 	var uerr *usageErr
 	switch {
@@ -108,11 +136,45 @@ func report(err error, std stdio) int {
 	case errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, &uerr):
-		fmt.Fprintln(std.err, "credproxy:", err)
+		fmt.Fprintln(std.err, "credproxy:", message(err))
 		return exitUsage
 	}
-	fmt.Fprintln(std.err, "credproxy:", strings.TrimPrefix(err.Error(), "credproxy: "))
+	fmt.Fprintln(std.err, "credproxy:", message(err))
 	return exitError
+}
+
+// reportRun prints err, an error of run's own, as report does, and returns
+// the exit code run ends with for it: 0 for the help that was asked for,
+// and 125 for every other error, usage errors included, as container
+// runtimes do, so that it cannot be taken for CMD's own status.
+func reportRun(err error, std stdio) int {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	fmt.Fprintln(std.err, "credproxy:", message(err))
+	return exitNoProxy
+}
+
+// reportStart prints err, the error of starting CMD, and returns the exit
+// code run ends with for it, as shells and container runtimes report
+// them: 127 when CMD was not found, 126 when it could not be executed, and
+// 125 otherwise.
+func reportStart(err error, std stdio) int {
+	fmt.Fprintln(std.err, "credproxy:", message(err))
+	switch {
+	case errors.Is(err, exec.ErrNotFound), errors.Is(err, fs.ErrNotExist):
+		return exitNotFound
+	case errors.Is(err, fs.ErrPermission), errors.Is(err, syscall.ENOEXEC):
+		return exitCannotExec
+	}
+	return exitNoProxy
+}
+
+// message is err's text without the credproxy: prefixes that the
+// library's errors carry (embedders print them as they are), so that the
+// one the command adds is the only one.
+func message(err error) string {
+	return strings.ReplaceAll(err.Error(), "credproxy: ", "")
 }
 
 type usageErr struct{ msg string }
@@ -129,20 +191,49 @@ func version() string {
 	return "devel"
 }
 
-// newFlags returns a flag set for a command whose -help prints synopsis,
-// then the flags, then example.
+// newFlags returns a flag set for a command whose help prints synopsis,
+// then the flags, then example. Parse it with [parseFlags]: help that was
+// asked for (-h, -help, --help) goes to stdout, and the flag package
+// itself prints nothing, so that a usage error is reported once.
 func newFlags(name, synopsis, example string, std stdio) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(std.err)
+	out := new(flagOutput)
+	fs.SetOutput(out)
 	fs.Usage = func() {
-		fmt.Fprintf(std.err, "%s\n", strings.TrimSpace(synopsis))
-		if hasFlags(fs) {
-			fmt.Fprintln(std.err, "\nFlags:")
-			fs.PrintDefaults()
+		if out.failed {
+			return // a usage error, which parseFlags returns
 		}
-		fmt.Fprintf(std.err, "\nExample:\n%s\n", example)
+		fmt.Fprintf(std.out, "%s\n", strings.TrimSpace(synopsis))
+		if hasFlags(fs) {
+			fmt.Fprintln(std.out, "\nFlags:")
+			fs.SetOutput(std.out)
+			fs.PrintDefaults()
+			fs.SetOutput(out)
+		}
+		fmt.Fprintf(std.out, "\nExample:\n%s\n", example)
 	}
 	return fs
+}
+
+// flagOutput is the output of a flag set from newFlags: it discards what
+// the flag package writes there, which is the message of a usage error, and
+// notes that there was one.
+type flagOutput struct{ failed bool }
+
+func (o *flagOutput) Write(p []byte) (int, error) {
+	o.failed = true
+	return len(p), nil
+}
+
+// parseFlags parses args with fs, a flag set from newFlags, and returns
+// flag.ErrHelp when help was asked for (and printed), or a usage error
+// that says where the help is.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	err := fs.Parse(args)
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return err
+	}
+	return usageError("%s: %v; run 'credproxy %s -help'", fs.Name(), err, fs.Name())
 }
 
 func hasFlags(fs *flag.FlagSet) bool {

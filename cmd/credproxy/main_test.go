@@ -87,7 +87,7 @@ func credproxyCmd(t *testing.T, env []string, stdin string, args ...string) resu
 
 // credproxyCmdFD3 is credproxyCmd with fd3 on the binary's descriptor 3,
 // through a pipe, as a launcher hands over a capability token.
-func credproxyCmdFD3(t *testing.T, env []string, fd3 string, args ...string) result {
+func credproxyCmdFD3(t *testing.T, env []string, stdin, fd3 string, args ...string) result {
 	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -96,7 +96,7 @@ func credproxyCmdFD3(t *testing.T, env []string, fd3 string, args ...string) res
 	w.WriteString(fd3)
 	w.Close()
 	defer r.Close()
-	return runBinary(t, binary, env, "", []*os.File{r}, args...)
+	return runBinary(t, binary, env, stdin, []*os.File{r}, args...)
 }
 
 // runBinary runs bin with env, stdin and extra descriptors from 3 on, and
@@ -157,12 +157,12 @@ func TestTokenAndKeyCommandsOnTheHost(t *testing.T) {
 }
 
 // Every command answers -help with its synopsis, flags and a worked
-// example, on stderr, and exits 0.
+// example, on stdout (issue 15: help that was asked for), and exits 0.
 func TestEveryCommandHasHelpWithAnExample(t *testing.T) {
-	for _, cmd := range []string{"run", "serve", "token", "key"} {
+	for _, cmd := range []string{"run", "serve", "token", "key", "version"} {
 		r := credproxyCmd(t, os.Environ(), "", cmd, "-help")
-		if r.code != 0 || !strings.Contains(r.stderr, "Usage:") || !strings.Contains(r.stderr, "Example:") {
-			t.Errorf("credproxy %s -help: exit %d, stderr:\n%s", cmd, r.code, r.stderr)
+		if r.code != 0 || !strings.Contains(r.stdout, "Usage:") || !strings.Contains(r.stdout, "Example:") {
+			t.Errorf("credproxy %s -help: exit %d, stdout:\n%s", cmd, r.code, r.stdout)
 		}
 	}
 	if r := credproxyCmd(t, os.Environ(), "", "version"); r.code != 0 || !strings.HasPrefix(r.stdout, "credproxy ") {
@@ -172,14 +172,15 @@ func TestEveryCommandHasHelpWithAnExample(t *testing.T) {
 
 // run gives CMD the socket, leaves the store password out of its
 // environment, and exits with CMD's status: its code, or 128 + the signal
-// that killed it.
+// that killed it; and 125 for an error of its own (issue 15), such as no
+// CMD.
 func TestRunExitsWithTheCommandsStatus(t *testing.T) {
 	env := append(hostEnv(t), "PATH="+os.Getenv("PATH"))
 	r := credproxyCmd(t, env, "", "run", "-store", "memory", "--", "sh", "-c",
 		`test -S "$LLXPRT_CREDENTIAL_SOCKET" && echo socket; echo "pw=$CREDPROXY_KEYRING_PASSWORD"; exit 3`)
 	r.want(t, 3, "socket\npw=\n")
 	credproxyCmd(t, env, "", "run", "-store", "memory", "--", "sh", "-c", "kill -KILL $$").want(t, 128+9, "")
-	credproxyCmd(t, env, "", "run", "-store", "memory").want(t, 2, "")
+	credproxyCmd(t, env, "", "run", "-store", "memory").want(t, 125, "")
 }
 
 // SIGTERM to run reaches the command; when it exits, run removes the
@@ -206,7 +207,8 @@ func TestRunForwardsSIGTERMAndRemovesTheSocket(t *testing.T) {
 
 // A proxy that cannot start (its session directory belongs to someone
 // else, or sits in a directory someone else owns) means the command never
-// starts, and run says why and exits 125.
+// starts, and run says why and exits 125; so does an old flag (issue 15:
+// run's usage errors exit 125).
 func TestRunDoesNotStartTheCommandWithoutAProxy(t *testing.T) {
 	needRoot(t, "needs root to give the directory to another user")
 	theirs := filepath.Join(t.TempDir(), "sockets")
@@ -229,7 +231,7 @@ func TestRunDoesNotStartTheCommandWithoutAProxy(t *testing.T) {
 		}
 	}
 	r := credproxyCmd(t, hostEnv(t), "", "run", "-store", "memory", "-socket-dir", theirs, "--", "true")
-	if r.code != 2 || !strings.Contains(r.stderr, "-socket-dir is gone") || !strings.Contains(r.stderr, "-session-dir") {
+	if r.code != 125 || !strings.Contains(r.stderr, "-socket-dir is gone") || !strings.Contains(r.stderr, "-session-dir") {
 		t.Errorf("the old -socket-dir flag: %+v", r)
 	}
 }
@@ -257,8 +259,8 @@ func TestServePrintsTheSocketAndStopsOnSIGTERM(t *testing.T) {
 		t.Errorf("token get without the capability token: %+v", r)
 	}
 	withToken := append(env, credproxy.CapabilityFDEnv+"=3")
-	credproxyCmdFD3(t, withToken, token+"\n", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
-	r = credproxyCmdFD3(t, withToken, token+"\n", "key", "set", "openai")
+	credproxyCmdFD3(t, withToken, "", token+"\n", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
+	r = credproxyCmdFD3(t, withToken, fakeKey, token+"\n", "key", "set", "openai")
 	if r.code != 1 || !strings.Contains(r.stderr, "manage keys on the host") {
 		t.Errorf("key set through the proxy: %+v", r)
 	}

@@ -59,7 +59,7 @@ func parseProxyFlags(fs *flag.FlagSet, args []string) error {
 			return usageError("-%s is gone: a directory of sockets must not be mounted into a sandbox, since the sandbox would reach every proxy in it. Each run now has a session directory of its own: choose it with -session-dir DIR, or find it as the directory of $%s, and mount it read-only", name, credproxy.SocketEnv)
 		}
 	}
-	return fs.Parse(args)
+	return parseFlags(fs, args)
 }
 
 func appendTo(list *[]string) func(string) error {
@@ -167,10 +167,10 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	var p proxyFlags
 	p.register(fs)
 	if err := parseProxyFlags(fs, args); err != nil {
-		return report(err, std)
+		return reportRun(err, std)
 	}
 	if fs.NArg() == 0 {
-		return report(usageError("run needs a command: credproxy run [flags] -- CMD [ARGS...]"), std)
+		return reportRun(usageError("run needs a command: credproxy run [flags] -- CMD [ARGS...]"), std)
 	}
 	if err := protectProcess(); err != nil {
 		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", err)
@@ -201,8 +201,7 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	handoff.Close()
 	if err != nil {
 		stop()
-		fmt.Fprintln(std.err, "credproxy:", err)
-		return exitNoProxy
+		return reportStart(err, std)
 	}
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()

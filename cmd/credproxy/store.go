@@ -1,10 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
+	"os"
+	"slices"
 	"strings"
 
 	"github.com/credproxy/credproxy"
@@ -45,6 +50,9 @@ const keyExample = `  printf '%s' "$OPENAI_API_KEY" | credproxy key set openai
 // maxSecretInput bounds what set reads from stdin: a frame's worth.
 const maxSecretInput = credproxy.MaxFrameSize
 
+// The commands of token and key, in the order the help gives them.
+var storeVerbs = []string{"get", "set", "rm", "ls"}
+
 func tokenCommand(ctx context.Context, args []string, std stdio) error {
 	fs := newFlags("token", tokenSynopsis, tokenExample, std)
 	withRefresh := fs.Bool("with-refresh-token", false, "get: include the refresh token (host only; it is a long-lived secret)")
@@ -63,12 +71,19 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 		if len(rest) == 2 {
 			bucket = rest[1]
 		}
+	case verb == "ls":
+		return usageError("token ls takes [PROVIDER]; run 'credproxy token -help'")
 	default:
-		fs.Usage()
-		return usageError("token %s: wrong number of arguments", verb)
+		return usageError("token %s takes PROVIDER [BUCKET]; run 'credproxy token -help'", verb)
 	}
-	st, err := credproxy.OpenStore(ctx)
-	if err != nil {
+	var tok credproxy.Token
+	if verb == "set" {
+		if tok, err = readToken(std); err != nil {
+			return err
+		}
+	}
+	st, err := openStore(ctx, verb, std)
+	if st == nil {
 		return err
 	}
 	defer st.Close()
@@ -76,6 +91,9 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 	switch verb {
 	case "get":
 		tok, err := st.GetToken(ctx, provider, bucket)
+		if errors.Is(err, credproxy.ErrNotFound) {
+			return fmt.Errorf("%w; 'credproxy token ls' lists the tokens there are", err)
+		}
 		if err != nil {
 			return err
 		}
@@ -84,21 +102,6 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 		}
 		fmt.Fprintf(std.out, "%s\n", tok.Reveal())
 	case "set":
-		data, err := io.ReadAll(io.LimitReader(std.in, maxSecretInput+1))
-		if err != nil {
-			return err
-		}
-		tok, err := credproxy.ParseToken(data)
-		if err != nil {
-			return fmt.Errorf("the token on stdin: %w", err)
-		}
-		tok, renamed, err := tok.NormalizeRefreshToken()
-		if err != nil {
-			return fmt.Errorf("the token on stdin: %w", err)
-		}
-		if renamed != "" {
-			fmt.Fprintf(std.err, "credproxy: stored the member %q as refresh_token, the name credproxy refreshes with\n", renamed)
-		}
 		return st.SaveToken(ctx, provider, bucket, tok)
 	case "rm":
 		return st.RemoveToken(ctx, provider, bucket)
@@ -118,11 +121,33 @@ func tokenCommand(ctx context.Context, args []string, std stdio) error {
 				fmt.Fprintf(std.out, "%s/%s\n", p, b)
 			}
 		}
-	default:
-		fs.Usage()
-		return usageError("unknown token command %q", verb)
 	}
 	return nil
+}
+
+// readToken reads the token that token set stores from stdin, before the
+// store is opened, so that bad input neither creates a store nor asks for
+// its password.
+func readToken(std stdio) (credproxy.Token, error) {
+	data, err := io.ReadAll(io.LimitReader(std.in, maxSecretInput+1))
+	if err != nil {
+		return credproxy.Token{}, err
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return credproxy.Token{}, errors.New("stdin is empty: give the token as JSON on stdin, as in 'credproxy token set PROVIDER < token.json'")
+	}
+	tok, err := credproxy.ParseToken(data)
+	if err != nil {
+		return credproxy.Token{}, fmt.Errorf("the token on stdin: %w", err)
+	}
+	tok, renamed, err := tok.NormalizeRefreshToken()
+	if err != nil {
+		return credproxy.Token{}, fmt.Errorf("the token on stdin: %w", err)
+	}
+	if renamed != "" {
+		fmt.Fprintf(std.err, "credproxy: stored the member %q as refresh_token, the name credproxy refreshes with\n", renamed)
+	}
+	return tok, nil
 }
 
 func keyCommand(ctx context.Context, args []string, std stdio) error {
@@ -132,12 +157,28 @@ func keyCommand(ctx context.Context, args []string, std stdio) error {
 	if err != nil {
 		return err
 	}
-	if (verb == "ls") != (len(rest) == 0) || len(rest) > 1 {
-		fs.Usage()
-		return usageError("key %s: wrong number of arguments", verb)
+	if verb == "ls" && len(rest) != 0 {
+		return usageError("key ls takes no arguments; run 'credproxy key -help'")
 	}
-	st, err := credproxy.OpenStore(ctx)
-	if err != nil {
+	if verb != "ls" && len(rest) != 1 {
+		return usageError("key %s takes NAME; run 'credproxy key -help'", verb)
+	}
+	var key string
+	if verb == "set" {
+		data, err := io.ReadAll(io.LimitReader(std.in, maxSecretInput+1))
+		if err != nil {
+			return err
+		}
+		if len(data) > maxSecretInput {
+			return fmt.Errorf("the key on stdin is longer than %d bytes", maxSecretInput)
+		}
+		key = strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), "\r")
+		if key == "" {
+			return errors.New(`stdin is empty: give the key on stdin, as in printf '%s' "$KEY" | credproxy key set NAME`)
+		}
+	}
+	st, err := openStore(ctx, verb, std)
+	if st == nil {
 		return err
 	}
 	defer st.Close()
@@ -145,6 +186,9 @@ func keyCommand(ctx context.Context, args []string, std stdio) error {
 	switch verb {
 	case "get":
 		key, err := st.GetAPIKey(ctx, rest[0])
+		if errors.Is(err, credproxy.ErrNotFound) {
+			return fmt.Errorf("%w; 'credproxy key ls' lists the keys there are", err)
+		}
 		if err != nil {
 			return err
 		}
@@ -158,14 +202,6 @@ func keyCommand(ctx context.Context, args []string, std stdio) error {
 		}
 		fmt.Fprintf(std.out, "%s\n", quoted)
 	case "set":
-		data, err := io.ReadAll(io.LimitReader(std.in, maxSecretInput+1))
-		if err != nil {
-			return err
-		}
-		if len(data) > maxSecretInput {
-			return fmt.Errorf("the key on stdin is longer than %d bytes", maxSecretInput)
-		}
-		key := strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), "\r")
 		return st.SaveAPIKey(ctx, rest[0], credproxy.Secret(key))
 	case "rm":
 		return st.RemoveAPIKey(ctx, rest[0])
@@ -177,28 +213,88 @@ func keyCommand(ctx context.Context, args []string, std stdio) error {
 		for _, n := range names {
 			fmt.Fprintln(std.out, n)
 		}
-	default:
-		fs.Usage()
-		return usageError("unknown key command %q", verb)
 	}
 	return nil
 }
 
-// parseVerb parses "VERB [flags] ARGS" or "[flags] VERB ARGS".
+// parseVerb parses "VERB ARGS" with fs's flags anywhere among them, up to
+// a "--" after which every argument is a name. An unknown VERB is named
+// before anything else is looked at.
 func parseVerb(fs *flag.FlagSet, args []string) (verb string, rest []string, err error) {
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		verb, args = args[0], args[1:]
+	unknown := func(verb string) error {
+		return usageError("unknown %s command %q; use get, set, rm or ls", fs.Name(), verb)
 	}
-	if err := fs.Parse(args); err != nil {
-		return "", nil, err
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") && !slices.Contains(storeVerbs, args[0]) {
+		return "", nil, unknown(args[0])
 	}
-	rest = fs.Args()
-	if verb == "" {
-		if len(rest) == 0 {
-			fs.Usage()
-			return "", nil, usageError("missing command: get, set, rm or ls")
+	var names []string
+	for {
+		if err := parseFlags(fs, args); err != nil {
+			return "", nil, err
 		}
-		verb, rest = rest[0], rest[1:]
+		left := fs.Args()
+		if len(left) == 0 {
+			break
+		}
+		if len(args) > len(left) && args[len(args)-len(left)-1] == "--" {
+			names = append(names, left...)
+			break
+		}
+		names, args = append(names, left[0]), left[1:]
 	}
-	return verb, rest, nil
+	if len(names) == 0 {
+		return "", nil, usageError("%s needs a command: get, set, rm or ls; run 'credproxy %s -help'", fs.Name(), fs.Name())
+	}
+	if !slices.Contains(storeVerbs, names[0]) {
+		return "", nil, unknown(names[0])
+	}
+	return names[0], names[1:], nil
+}
+
+// openStore opens the store a token or key command works on: the proxy's
+// when LLXPRT_CREDENTIAL_SOCKET is set, else the host's. On a host with no
+// store yet, a command that only reads or removes does not create one (or
+// ask for its password): ls says there is none and succeeds, with a nil
+// store and error; get and rm fail, saying so.
+func openStore(ctx context.Context, verb string, std stdio) (credproxy.StoreCloser, error) {
+	if verb != "set" && os.Getenv(credproxy.SocketEnv) == "" {
+		dir, err := credproxy.DefaultKeyringDir()
+		if err != nil {
+			return nil, err
+		}
+		if noStore(dir) {
+			msg := fmt.Sprintf("no credential store in %s yet; 'credproxy token set PROVIDER < token.json' or 'credproxy key set NAME < key' creates it", dir)
+			if verb == "ls" {
+				fmt.Fprintln(std.err, "credproxy:", msg)
+				return nil, nil
+			}
+			return nil, errors.New(msg)
+		}
+	}
+	return credproxy.OpenStore(ctx)
+}
+
+// noStore reports whether the keyring store in dir certainly does not
+// exist: its directory is missing, which OpenKeyringStore creates with any
+// backend; or, with the file backend, the directory holds none of the
+// store's items (KeyringStore names them "credproxy+..."), not even the
+// check item that a new store writes first. A directory with items but no
+// check item is left to OpenKeyringStore.
+func noStore(dir string) bool {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return true
+	}
+	if err != nil {
+		return false
+	}
+	if backend := os.Getenv(credproxy.KeyringBackendEnv); backend != "" && backend != "file" {
+		return false
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "credproxy+") {
+			return false
+		}
+	}
+	return true
 }

@@ -38,8 +38,8 @@ func TestHelpPointsToTheTokenFormat(t *testing.T) {
 	}
 	r := credproxyCmd(t, hostEnv(t), "", "token", "-help")
 	for _, want := range []string{"access_token", "Unix seconds", "RFC 3339", "expires_in", "milliseconds"} {
-		if !strings.Contains(r.stderr, want) {
-			t.Errorf("token -help does not mention %s:\n%s", want, r.stderr)
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("token -help does not mention %s:\n%s", want, r.stdout)
 		}
 	}
 }
