@@ -169,3 +169,19 @@ func TestFlagsAfterNamesAreFlags(t *testing.T) {
 	credproxyCmd(t, env, "", "key", "get", "openai", "-raw").want(t, 0, fakeKey+"\n")
 	credproxyCmd(t, env, "", "key", "get", "-raw", "openai").want(t, 0, fakeKey+"\n")
 }
+
+// Issue 15, item 3: token set takes the credential file of an agent CLI
+// as it is on disk (here Claude Code's, with its expiry in milliseconds),
+// stores the token format, and says what it converted.
+func TestTokenSetConvertsAnAgentCLIFile(t *testing.T) {
+	env := hostEnv(t)
+	file := `{"claudeAiOauth":{"accessToken":"fake-at-CLAUDE","refreshToken":"fake-rt-CLAUDE","expiresAt":1893456000123,"subscriptionType":"max"}}`
+	r := credproxyCmd(t, env, file, "token", "set", "anthropic")
+	r.want(t, 0, "")
+	onePrefix(t, r.stderr)
+	if !strings.Contains(r.stderr, `took the token inside "claudeAiOauth"`) || !strings.Contains(r.stderr, "from milliseconds") {
+		t.Errorf("token set said %q; want it to say what it converted", r.stderr)
+	}
+	r = credproxyCmd(t, env, "", "token", "get", "anthropic", "-with-refresh-token")
+	r.want(t, 0, `{"access_token":"fake-at-CLAUDE","refresh_token":"fake-rt-CLAUDE","expiry":1893456000,"subscriptionType":"max"}`+"\n")
+}

@@ -238,7 +238,7 @@ func TestTokenSetConvertsOrRefusesRefreshTokenVariants(t *testing.T) {
 	env := pathEnv(t)
 	r := credproxyCmd(t, env, `{"access_token":"`+fakeAccess+`","refreshToken":"`+fakeRefresh+`"}`, "token", "set", "anthropic")
 	r.want(t, 0, "")
-	if !strings.Contains(r.stderr, `stored the member "refreshToken" as refresh_token`) {
+	if !strings.Contains(r.stderr, `renamed refreshToken to refresh_token`) {
 		t.Errorf("no word of the conversion: %q", r.stderr)
 	}
 	credproxyCmd(t, env, "", "token", "get", "-with-refresh-token", "anthropic").

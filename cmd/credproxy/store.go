@@ -136,9 +136,12 @@ func readToken(std stdio) (credproxy.Token, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		return credproxy.Token{}, errors.New("stdin is empty: give the token as JSON on stdin, as in 'credproxy token set PROVIDER < token.json'")
 	}
-	tok, err := credproxy.ParseToken(data)
+	tok, converted, err := credproxy.ImportToken(data)
 	if err != nil {
 		return credproxy.Token{}, fmt.Errorf("the token on stdin: %w", err)
+	}
+	if converted != "" {
+		fmt.Fprintf(std.err, "credproxy: the token on stdin: %s\n", converted)
 	}
 	tok, renamed, err := tok.NormalizeRefreshToken()
 	if err != nil {
