@@ -144,9 +144,10 @@ and may change nothing unless -allow-write is given; the grant is logged on
 stderr when the session starts, and every refused request is logged there too.
 
 CMD gets descriptors 0, 1 and 2 and the token's 3, and none of the others run
-inherited. run forwards SIGINT, SIGTERM and SIGHUP to CMD, and when CMD exits closes the
-session (its socket, directory and token stop working), shuts the proxy down
-(5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
+inherited. run forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to CMD, except a
+Ctrl-C or Ctrl-\ from the terminal, which CMD gets from it directly; when CMD
+exits, run closes the session (its socket, directory and token stop working),
+shuts the proxy down (5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
 not started and run exits 125. On Linux CMD is killed if run dies.
 CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
 itself non-dumpable so that CMD cannot read it from /proc either.`
@@ -196,7 +197,7 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	cmd.Env = append(withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv),
 		sess.Environ()...)
 	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(signals)
 	err = cmd.Start()
 	handoff.Close()
@@ -211,7 +212,9 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	for done := false; !done; {
 		select {
 		case sig := <-signals:
-			cmd.Process.Signal(sig)
+			if !terminalSentToo(sig, cmd.Process.Pid) { // one Ctrl-C must reach CMD once
+				cmd.Process.Signal(sig)
+			}
 		case werr = <-waited:
 			done = true
 		}
