@@ -108,7 +108,7 @@ func TestListenCreatesPrivateDirectoryAndSocket(t *testing.T) {
 	}
 }
 
-// R3.2, R25.1: an existing socket directory that is a symlink, open to
+// R3.2, R25.1: an existing socket directory that is a symlink, writable by
 // group or others, not a directory, or owned by another uid is refused
 // with an error naming the path and the problem.
 func TestListenRefusesUnsafeDirectory(t *testing.T) {
@@ -125,7 +125,7 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 	if err := os.Mkdir(open, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(open, 0o755); err != nil {
+	if err := os.Chmod(open, 0o775); err != nil {
 		t.Fatal(err)
 	}
 	file := filepath.Join(base, "file")
@@ -134,7 +134,7 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 	}
 	cases := []struct{ dir, want string }{
 		{link, "is a symbolic link"},
-		{open, "open to group or others"},
+		{open, "writable by group or others"},
 		{file, "not a directory"},
 	}
 	if os.Geteuid() == 0 {

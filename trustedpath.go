@@ -20,6 +20,23 @@ import (
 // the symbolic links above it resolved. what names the directory in
 // errors.
 func ensurePrivateDir(dir, what string) (string, error) {
+	return ensureDir(dir, what, checkPrivateDir)
+}
+
+// ensureSocketDir is ensurePrivateDir for the directory of a socket that
+// [Listen] or [ListenPath] makes: it is created 0700, but one that exists
+// may also be readable by group and others (0755, as t.TempDir() makes
+// them), provided they cannot write to it. The socket itself is 0600, so
+// reading the directory shows them its name and nothing more; writing to
+// it would let them remove the socket and put their own in its place.
+// Session directories, which sandboxes mount, stay 0700 (checkPrivateDir).
+func ensureSocketDir(dir string) (string, error) {
+	return ensureDir(dir, "socket directory", checkSocketDir)
+}
+
+// ensureDir creates dir with mode 0700 if needed, checks the directories
+// above it, and checks dir itself with check.
+func ensureDir(dir, what string, check func(dir, what string) error) (string, error) {
 	dir, err := trustedParent(dir, what)
 	if err != nil {
 		return "", err
@@ -27,7 +44,7 @@ func ensurePrivateDir(dir, what string) (string, error) {
 	if err := os.Mkdir(dir, 0o700); err != nil && !os.IsExist(err) {
 		return "", errorf("create %s: %w", what, err)
 	}
-	return dir, checkPrivateDir(dir, what)
+	return dir, check(dir, what)
 }
 
 // trustedParent makes path absolute, creates its parent directories (mode
@@ -80,23 +97,42 @@ func checkTrustedAncestor(dir, what, path string) error {
 // checkPrivateDir checks that dir is a real directory that only the
 // effective uid can use.
 func checkPrivateDir(dir, what string) error {
+	return checkDirMode(dir, what, 0o077, "open to group or others; run chmod 700 on it")
+}
+
+// checkSocketDir checks that dir is a real directory of the effective uid
+// that nobody else may write to (see ensureSocketDir).
+func checkSocketDir(dir, what string) error {
+	return checkDirMode(dir, what, 0o022, "writable by group or others, who could replace the socket; run chmod go-w on it")
+}
+
+// checkDirMode checks that dir is a real directory of the effective uid
+// with none of the permission bits in forbidden; problem says what is
+// wrong, and what to do, when it has some.
+func checkDirMode(dir, what string, forbidden os.FileMode, problem string) error {
+	fi, err := checkOwnDir(dir, what)
+	if err == nil && runtime.GOOS != "windows" && fi.Mode().Perm()&forbidden != 0 {
+		return errorf("%s %s has mode %#o, %s, or choose another directory", what, dir, fi.Mode().Perm(), problem)
+	}
+	return err
+}
+
+// checkOwnDir checks that dir is a real directory, not a symbolic link,
+// owned by the effective uid, and returns what it found.
+func checkOwnDir(dir, what string) (os.FileInfo, error) {
 	fi, err := os.Lstat(dir)
 	if err != nil {
-		return errorf("%s: %w", what, err)
+		return nil, errorf("%s: %w", what, err)
 	}
 	switch {
 	case fi.Mode()&os.ModeSymlink != 0:
-		return errorf("%s %s is a symbolic link; remove it, or choose another directory", what, dir)
+		return nil, errorf("%s %s is a symbolic link; remove it, or choose another directory", what, dir)
 	case !fi.IsDir():
-		return errorf("%s %s is not a directory; remove it, or choose another directory", what, dir)
+		return nil, errorf("%s %s is not a directory; remove it, or choose another directory", what, dir)
 	}
 	if uid, ok := fileOwner(fi); ok && uid != os.Geteuid() {
-		return errorf("%s %s is owned by uid %d, not by this process's uid %d; remove it, or choose another directory",
+		return nil, errorf("%s %s is owned by uid %d, not by this process's uid %d; remove it, or choose another directory",
 			what, dir, uid, os.Geteuid())
 	}
-	if runtime.GOOS != "windows" && fi.Mode().Perm()&0o077 != 0 {
-		return errorf("%s %s has mode %#o, open to group or others; run chmod 700 on it, or choose another directory",
-			what, dir, fi.Mode().Perm())
-	}
-	return nil
+	return fi, nil
 }

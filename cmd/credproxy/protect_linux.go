@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,4 +17,16 @@ func protectProcess() error {
 		return fmt.Errorf("prctl(PR_SET_DUMPABLE, 0): %w; refusing to hold the host's secrets in a process the sandbox's launcher could read", err)
 	}
 	return nil
+}
+
+// commandAttr is how run starts CMD: with SIGKILL as its parent-death
+// signal (PR_SET_PDEATHSIG), so that CMD dies with run, as bwrap's
+// --die-with-parent does, rather than run on with no proxy behind its
+// socket and nobody to close its session. The kernel sends it when the
+// thread that started CMD ends; the Go runtime ends threads only when a
+// goroutine locked to one returns, and run locks none. A run that dies
+// before the child sets the signal is caught too: os/exec's child checks
+// its parent after the prctl.
+func commandAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 }

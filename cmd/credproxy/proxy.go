@@ -144,12 +144,13 @@ and may change nothing unless -allow-write is given; the grant is logged on
 stderr when the session starts, and every refused request is logged there too.
 
 CMD gets descriptors 0, 1 and 2 and the token's 3, and none of the others run
-inherited. run forwards SIGINT, SIGTERM and SIGHUP to CMD, and when CMD exits closes the
-session (its socket, directory and token stop working), shuts the proxy down
-(5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
-not started and run exits 125. CREDPROXY_KEYRING_PASSWORD is removed from CMD's
-environment, and run makes itself non-dumpable so that CMD cannot read it from
-/proc either.`
+inherited. run forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to CMD, except a
+Ctrl-C or Ctrl-\ from the terminal, which CMD gets from it directly; when CMD
+exits, run closes the session (its socket, directory and token stop working),
+shuts the proxy down (5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
+not started and run exits 125. On Linux CMD is killed if run dies.
+CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
+itself non-dumpable so that CMD cannot read it from /proc either.`
 
 const runExample = `  # A bubblewrap sandbox that sees the session's socket and nothing of the host's store:
   credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
@@ -192,10 +193,11 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	cmd := exec.Command(fs.Arg(0), fs.Args()[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = std.in, std.out, std.err
 	cmd.ExtraFiles = []*os.File{handoff} // descriptor 3
+	cmd.SysProcAttr = commandAttr()
 	cmd.Env = append(withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv),
 		sess.Environ()...)
 	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(signals)
 	err = cmd.Start()
 	handoff.Close()
@@ -209,7 +211,9 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	for done := false; !done; {
 		select {
 		case sig := <-signals:
-			cmd.Process.Signal(sig)
+			if !terminalSentToo(sig, cmd.Process.Pid) { // one Ctrl-C must reach CMD once
+				cmd.Process.Signal(sig)
+			}
 		case werr = <-waited:
 			done = true
 		}
@@ -247,8 +251,8 @@ func withoutEnv(env []string, names ...string) []string {
 
 const serveSynopsis = `Usage: credproxy serve [flags]
 
-Serves one credential proxy session until SIGINT or SIGTERM, then closes it,
-shuts down gracefully and removes the socket. Stdout gets two lines:
+Serves one credential proxy session until SIGINT, SIGTERM or SIGHUP, then
+closes it, shuts down gracefully and removes the socket. Stdout gets two lines:
 LLXPRT_CREDENTIAL_SOCKET=<path> and LLXPRT_CAPABILITY_TOKEN=<token>. Hand the
 token to the sandboxed program on its file descriptor 3, as the 64 characters
 and a newline (with LLXPRT_CAPABILITY_FD=3), never in its environment or
@@ -279,7 +283,9 @@ func serveCommand(ctx context.Context, args []string, std stdio) error {
 	if err := protectProcess(); err != nil {
 		return err
 	}
-	ctx, cancel := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	// SIGHUP too: a terminal closing or a shell logging out must not
+	// leave the socket and session directory behind.
+	ctx, cancel := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer cancel()
 	sess, stop, err := p.start(ctx, std)
 	if err != nil {

@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -273,5 +275,63 @@ func TestRunPassesOnlyTheTokenDescriptor(t *testing.T) {
 		`for fd in 3 4; do if test -e /proc/$$/fd/$fd; then echo "$fd: $(head -c 9 <&$fd | tr -c '[:alnum:] ' .)"; else echo "$fd: closed"; fi; done`)
 	if r.code != 0 || strings.Contains(r.stdout, "host file") || !strings.Contains(r.stdout, "4: closed") || !strings.HasPrefix(r.stdout, "3: ") {
 		t.Errorf("descriptors in CMD: %+v", r)
+	}
+}
+
+// Issue 15, item 5: CMD dies with run. A run that is SIGKILLed cannot
+// close its session; a CMD that ran on would believe it had a proxy, and
+// a sandbox would outlive its launcher's supervision. The kernel sends
+// CMD SIGKILL when run dies (PR_SET_PDEATHSIG, as bwrap --die-with-parent).
+func TestCommandDiesWithRun(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("parent-death signals and /proc are Linux's")
+	}
+	cmd, lines := startCredproxy(t, "run", "-store", "memory", "--", "sh", "-c", `echo $$; exec sleep 1000`)
+	pid, err := strconv.Atoi(lines.Text())
+	if err != nil {
+		t.Fatalf("CMD's pid: %q", lines.Text())
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	if !gone(pid, 10*time.Second) {
+		syscall.Kill(pid, syscall.SIGKILL)
+		t.Fatalf("CMD (pid %d) still runs after run was killed", pid)
+	}
+}
+
+// gone polls /proc until pid has ended (or is a zombie no one reaped
+// yet), or the wait is over.
+func gone(pid int, wait time.Duration) bool {
+	for deadline := time.Now().Add(wait); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return true
+		}
+		if _, rest, ok := strings.Cut(string(stat), ") "); ok && strings.HasPrefix(rest, "Z") {
+			return true
+		}
+	}
+	return false
+}
+
+// Issue 15, item 5: serve treats SIGHUP (a closed terminal, a shell
+// logging out) like SIGTERM: it closes the session, removes its socket and
+// exits 0, rather than dying and leaving the socket behind.
+func TestServeStopsOnSIGHUP(t *testing.T) {
+	cmd, lines := startCredproxy(t, "serve", "-store", "memory")
+	socket, ok := strings.CutPrefix(lines.Text(), credproxy.SocketEnv+"=")
+	if !ok {
+		t.Fatalf("first line %q", lines.Text())
+	}
+	lines.Scan() // the token: serve has started when it is printed
+	cmd.Process.Signal(syscall.SIGHUP)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("serve after SIGHUP: %v", err)
+	}
+	if _, err := os.Lstat(socket); !os.IsNotExist(err) {
+		t.Errorf("socket left behind: %v", err)
+	}
+	if _, err := os.Lstat(filepath.Dir(socket)); !os.IsNotExist(err) {
+		t.Errorf("session directory left behind: %v", err)
 	}
 }
