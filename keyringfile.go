@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -68,15 +69,25 @@ func passwordFromEnvOrTerminal(dir string, isNew bool) (string, error) {
 	if pw := os.Getenv(KeyringPasswordEnv); pw != "" {
 		return pw, nil
 	}
-	fd := int(os.Stdin.Fd())
-	if !term.IsTerminal(fd) {
+	// The terminal, not stdin: stdin may carry the secret being stored.
+	fd, out := -1, io.Writer(os.Stderr)
+	if tty, err := openTerminal(); err == nil {
+		defer tty.Close()
+		if term.IsTerminal(int(tty.Fd())) {
+			fd, out = int(tty.Fd()), tty
+		}
+	}
+	if fd < 0 && term.IsTerminal(int(os.Stdin.Fd())) {
+		fd = int(os.Stdin.Fd())
+	}
+	if fd < 0 {
 		return "", errorf("the credential store in %s is encrypted with a password: set %s, or run on a terminal to be asked for it",
 			dir, KeyringPasswordEnv)
 	}
 	ask := func(prompt string) (string, error) {
-		fmt.Fprint(os.Stderr, prompt)
+		fmt.Fprint(out, prompt)
 		b, err := term.ReadPassword(fd)
-		fmt.Fprintln(os.Stderr)
+		fmt.Fprintln(out)
 		if err != nil {
 			return "", errorf("read the password: %w", err)
 		}
