@@ -243,3 +243,31 @@ func TestKeyringCacheIsBounded(t *testing.T) {
 		t.Fatalf("the cache holds %d items; want %d", n, maxCachedItems)
 	}
 }
+
+// Issue 15, item 4: a tool that only looks opens the store with
+// MustExist: with no store, it fails with ErrNoStore, creates nothing and
+// asks for no password; once a store exists, it opens it.
+func TestOpenKeyringStoreMustExistCreatesNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "store")
+	asked := false
+	opts := KeyringOptions{Backend: "file", Dir: dir, MustExist: true,
+		Password: func() (string, error) { asked = true; return "fake-password", nil }}
+	if _, err := OpenKeyringStore(opts); !errors.Is(err, ErrNoStore) {
+		t.Fatalf("MustExist with no store: %v, want ErrNoStore", err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) || asked {
+		t.Fatalf("MustExist with no store created %s (%v) or asked for the password (%v)", dir, err, asked)
+	}
+	opts.MustExist = false
+	st, err := OpenKeyringStore(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	opts.MustExist = true
+	st, err = OpenKeyringStore(opts)
+	if err != nil {
+		t.Fatalf("MustExist with a store: %v", err)
+	}
+	st.Close()
+}

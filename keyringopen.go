@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/99designs/keyring"
 )
@@ -51,6 +53,13 @@ type KeyringOptions struct {
 	// [KeyringStore.LockToken]). It is created with mode 0700 and must
 	// not be open to other users. "" means [DefaultKeyringDir].
 	Dir string
+
+	// MustExist makes OpenKeyringStore open only a file backend store that
+	// exists (its directory holds the store's items), and otherwise fail
+	// with an error matching [ErrNoStore], having created nothing and
+	// asked for no password: so that a tool that only looks does not
+	// create a store. Other backends ignore it.
+	MustExist bool
 
 	// Password returns the file backend's password. It is called at most
 	// once, when the store opens. nil means the value of
@@ -98,6 +107,10 @@ const (
 	checkText     = "credproxy keyring store v1"
 )
 
+// ErrNoStore means that [KeyringOptions.MustExist] was set and there is no
+// store to open.
+var ErrNoStore = errors.New("credproxy: no credential store")
+
 // OpenKeyringStore opens the store that opts describe, creating its
 // directory if needed. With the file backend it checks the password
 // against the store's check item (and creates that item in a new store), so
@@ -120,6 +133,9 @@ func OpenKeyringStore(opts KeyringOptions) (*KeyringStore, error) {
 		if dir, err = DefaultKeyringDir(); err != nil {
 			return nil, err
 		}
+	}
+	if opts.MustExist && backend == string(keyring.FileBackend) && !fileStoreExists(dir, opts.Keyring.ServiceName) {
+		return nil, errorf("no credential store in %s yet: %w", dir, ErrNoStore)
 	}
 	// The store's directory and those above it must be trusted, as the
 	// socket's are: whoever could replace it could read what is saved.
@@ -215,4 +231,23 @@ func (s *KeyringStore) checkItem() error {
 		err = errors.New("the check item reads back wrong")
 	}
 	return err
+}
+
+// fileStoreExists reports whether dir holds any item of the file backend
+// store of service ("" means "credproxy"): its check item, which a new
+// store writes first, or any other.
+func fileStoreExists(dir, service string) bool {
+	if service == "" {
+		service = "credproxy"
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return !errors.Is(err, fs.ErrNotExist) // unreadable: let the open say why
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), service+"+") {
+			return true
+		}
+	}
+	return false
 }

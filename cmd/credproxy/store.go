@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"slices"
 	"strings"
@@ -260,44 +259,21 @@ func parseVerb(fs *flag.FlagSet, args []string) (verb string, rest []string, err
 // ask for its password): ls says there is none and succeeds, with a nil
 // store and error; get and rm fail, saying so.
 func openStore(ctx context.Context, verb string, std stdio) (credproxy.StoreCloser, error) {
-	if verb != "set" && os.Getenv(credproxy.SocketEnv) == "" {
-		dir, err := credproxy.DefaultKeyringDir()
-		if err != nil {
-			return nil, err
-		}
-		if noStore(dir) {
-			msg := fmt.Sprintf("no credential store in %s yet; 'credproxy token set PROVIDER < token.json' or 'credproxy key set NAME < key' creates it", dir)
-			if verb == "ls" {
-				fmt.Fprintln(std.err, "credproxy:", msg)
-				return nil, nil
-			}
-			return nil, errors.New(msg)
-		}
+	if verb == "set" || os.Getenv(credproxy.SocketEnv) != "" {
+		return credproxy.OpenStore(ctx)
 	}
-	return credproxy.OpenStore(ctx)
-}
-
-// noStore reports whether the keyring store in dir certainly does not
-// exist: its directory is missing, which OpenKeyringStore creates with any
-// backend; or, with the file backend, the directory holds none of the
-// store's items (KeyringStore names them "credproxy+..."), not even the
-// check item that a new store writes first. A directory with items but no
-// check item is left to OpenKeyringStore.
-func noStore(dir string) bool {
-	entries, err := os.ReadDir(dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return true
+	st, err := credproxy.OpenKeyringStore(credproxy.KeyringOptions{MustExist: true})
+	if errors.Is(err, credproxy.ErrNoStore) {
+		dir, _ := credproxy.DefaultKeyringDir()
+		msg := fmt.Sprintf("no credential store in %s yet; 'credproxy token set PROVIDER < token.json' or 'credproxy key set NAME < key' creates it", dir)
+		if verb == "ls" {
+			fmt.Fprintln(std.err, "credproxy:", msg)
+			return nil, nil
+		}
+		return nil, errors.New(msg)
 	}
 	if err != nil {
-		return false
+		return nil, err
 	}
-	if backend := os.Getenv(credproxy.KeyringBackendEnv); backend != "" && backend != "file" {
-		return false
-	}
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), "credproxy+") {
-			return false
-		}
-	}
-	return true
+	return st, nil
 }
