@@ -271,3 +271,39 @@ func TestOpenKeyringStoreMustExistCreatesNothing(t *testing.T) {
 	}
 	st.Close()
 }
+
+// Issue 15, item 4: a store whose check item is missing (removed by hand,
+// or lost) does not adopt a mistyped password: the password must open the
+// items already there, and the right one still opens the store after.
+func TestKeyringFileStoreWithoutCheckItemRefusesAWrongPassword(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "store")
+	open := func(pw string) (*KeyringStore, error) {
+		return OpenKeyringStore(KeyringOptions{Backend: "file", Dir: dir,
+			Password: func() (string, error) { return pw, nil }})
+	}
+	st, err := open("fake-right-password")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SaveToken(ctx, "p", "", mustToken(t, `{"access_token":"fake-at"}`)); err != nil {
+		t.Fatal(err)
+	}
+	check := st.itemPath(st.itemName(checkItemName))
+	st.Close()
+	if err := os.Remove(check); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := open("fake-mistyped"); err == nil {
+		st.Close()
+		t.Fatal("a mistyped password opened a store whose check item is missing")
+	}
+	st, err = open("fake-right-password")
+	if err != nil {
+		t.Fatalf("the right password, after a mistyped one: %v", err)
+	}
+	defer st.Close()
+	if tok, err := st.GetToken(ctx, "p", ""); err != nil || string(tok.AccessToken()) != "fake-at" {
+		t.Fatalf("GetToken: %q, %v", string(tok.AccessToken()), err)
+	}
+}

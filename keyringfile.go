@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/99designs/keyring"
@@ -25,7 +26,9 @@ func (s *KeyringStore) openFile(password func() (string, error)) (*KeyringStore,
 	}
 	removeStaleStaging(staging)
 
-	isNew := !fileExists(s.itemPath(s.itemName(checkItemName)))
+	// A store is new when it holds no item at all; one that lost its check
+	// item is not, and its password must open the items it holds.
+	isNew := !fileStoreExists(s.dir, s.service)
 	if password == nil {
 		password = func() (string, error) { return passwordFromEnvOrTerminal(s.dir, isNew) }
 	}
@@ -38,6 +41,10 @@ func (s *KeyringStore) openFile(password func() (string, error)) (*KeyringStore,
 	}
 	s.password = Secret(pw)
 	s.ring = s.fileRing(s.dir)
+	if !isNew && !fileExists(s.itemPath(s.itemName(checkItemName))) && !s.opensAnItem() {
+		return nil, errorf("the password does not open the credential store in %s: it was created with another one (set %s to that password)",
+			s.dir, KeyringPasswordEnv)
+	}
 	// The check item's read also makes the backend cache the password,
 	// which it does on its first successful read, before concurrent calls
 	// could race on it.
@@ -46,6 +53,28 @@ func (s *KeyringStore) openFile(password func() (string, error)) (*KeyringStore,
 			s.dir, KeyringPasswordEnv)
 	}
 	return s, nil
+}
+
+// opensAnItem reports whether the password opens an item of the store,
+// before checkItem writes a missing check item with it: a store that lost
+// its check item must not adopt a mistyped password, which would then be
+// the one it asks for. A store with no readable item to try has nothing to
+// protect.
+func (s *KeyringStore) opensAnItem() bool {
+	entries, _ := os.ReadDir(s.dir)
+	for _, e := range entries {
+		name := e.Name()
+		if !e.Type().IsRegular() || !strings.HasPrefix(name, s.service+"+") {
+			continue
+		}
+		data, err := os.ReadFile(s.itemPath(name))
+		if err != nil || len(data) > maxItemFile {
+			continue
+		}
+		_, err = s.unseal(name, data)
+		return err == nil
+	}
+	return true
 }
 
 func (s *KeyringStore) fileRing(dir string) keyring.Keyring {
