@@ -307,3 +307,32 @@ func TestKeyringFileStoreWithoutCheckItemRefusesAWrongPassword(t *testing.T) {
 		t.Fatalf("GetToken: %q, %v", string(tok.AccessToken()), err)
 	}
 }
+
+// Issue 15, item 4: two openers creating one new store at the same moment
+// with different passwords cannot both succeed (before, 12 in 30 trials
+// left a store whose items needed two passwords): the check item is
+// created only if absent, and each reads it back with its own password.
+func TestKeyringFileStoreCreatedTwiceAtOnceHasOnePassword(t *testing.T) {
+	for trial := range 30 {
+		dir := filepath.Join(t.TempDir(), "store")
+		var wg sync.WaitGroup
+		errs := make([]error, 2)
+		start := make(chan struct{})
+		for i, pw := range []string{"fake-password-A", "fake-password-B"} {
+			wg.Go(func() {
+				<-start
+				st, err := OpenKeyringStore(KeyringOptions{Backend: "file", Dir: dir,
+					Password: func() (string, error) { return pw, nil }})
+				if err == nil {
+					st.Close()
+				}
+				errs[i] = err
+			})
+		}
+		close(start)
+		wg.Wait()
+		if errs[0] == nil && errs[1] == nil {
+			t.Fatalf("trial %d: both passwords created the store", trial)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -158,7 +159,26 @@ func removeStaleStaging(staging string) {
 // rooted in a fresh staging directory, synced, and renamed into the store.
 // The staging backend names the file exactly as the store's backend will
 // look for it, so no knowledge of its naming scheme is needed.
-func (s *KeyringStore) writeFile(item keyring.Item) error {
+func (s *KeyringStore) writeFile(item keyring.Item) error { return s.placeFile(item, os.Rename) }
+
+// createFile is writeFile for an item that must not exist yet, the check
+// item of a new store: it links the staged file into place, which fails
+// if another opener got there first, and then leaves that one's item in
+// place, for the caller to read back with its own password. So two
+// processes that create a store at the same moment with different
+// passwords cannot both succeed.
+func (s *KeyringStore) createFile(item keyring.Item) error {
+	return s.placeFile(item, func(staged, dst string) error {
+		if err := os.Link(staged, dst); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		return nil
+	})
+}
+
+// placeFile writes item to a staging directory and puts it in place with
+// place (rename or link).
+func (s *KeyringStore) placeFile(item keyring.Item, place func(staged, dst string) error) error {
 	tmp, err := os.MkdirTemp(filepath.Join(s.dir, stagingDirName), "w")
 	if err != nil {
 		return err
@@ -178,7 +198,7 @@ func (s *KeyringStore) writeFile(item keyring.Item) error {
 	if err := syncPath(filepath.Join(tmp, name)); err != nil {
 		return err
 	}
-	if err := os.Rename(filepath.Join(tmp, name), filepath.Join(s.dir, name)); err != nil {
+	if err := place(filepath.Join(tmp, name), filepath.Join(s.dir, name)); err != nil {
 		return err
 	}
 	// The rename is durable once the directory is synced.

@@ -222,7 +222,13 @@ func (s *KeyringStore) checkItem() error {
 	name := s.itemName(checkItemName)
 	text, err := get(ctx, s, name, asSecret)
 	if errors.Is(err, ErrNotFound) {
-		if err := s.set(ctx, keyring.Item{Key: name, Data: []byte(checkText), Label: "credproxy store check"}); err != nil {
+		item := keyring.Item{Key: name, Data: []byte(checkText), Label: "credproxy store check"}
+		create := s.set
+		if s.backend == string(keyring.FileBackend) {
+			// Only if absent: another opener may be creating the store.
+			create = func(_ context.Context, item keyring.Item) error { return s.createFile(item) }
+		}
+		if err := create(ctx, item); err != nil {
 			return err
 		}
 		text, err = get(ctx, s, name, asSecret)
