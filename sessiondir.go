@@ -21,6 +21,7 @@ func (ss *Session) makeDir(dir string) error {
 		if base, err = ensurePrivateDir(base, "socket directory"); err != nil {
 			return err
 		}
+		removeStale(base)
 		dir = filepath.Join(base, "session-"+ss.id)
 	}
 	dir, err := trustedParent(dir, "session directory")

@@ -1,0 +1,80 @@
+//go:build unix
+
+package credproxy
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// Issue 15, item 5: the session directories and sockets a killed proxy
+// left in the per-user socket directory are removed when the next session
+// starts there, but only those that do not answer: a live session of
+// another server is left alone, and so is an empty directory too young to
+// be abandoned (another proxy may be creating its session in it).
+func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
+	t.Setenv("TMPDIR", testSocketDir(t))
+	base, err := DefaultSocketDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if base, err = ensurePrivateDir(base, "socket directory"); err != nil {
+		t.Fatal(err)
+	}
+	// A live session of another server.
+	other, err := NewServer(Options{Store: NewMemoryStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	live, err := other.NewSession(SessionOptions{Policy: &Grant{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What a killed proxy leaves: a session directory with a socket that
+	// nothing listens on, a bare stale socket, and an old empty directory.
+	dead := filepath.Join(base, "session-deadbeef")
+	deadSock := filepath.Join(dead, "llxprt-cred-1-deadbeef.sock")
+	bareSock := filepath.Join(base, "llxprt-cred-1-cafebabe.sock")
+	oldEmpty := filepath.Join(base, "session-0ldd1r00")
+	young := filepath.Join(base, "session-y0un9d1r")
+	for _, d := range []string{dead, oldEmpty, young} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []string{deadSock, bareSock} {
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: p, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.SetUnlinkOnClose(false)
+		l.Close()
+	}
+	long := time.Now().Add(-time.Hour)
+	os.Chtimes(oldEmpty, long, long)
+
+	srv, err := NewServer(Options{Store: NewMemoryStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ss, err := srv.NewSession(SessionOptions{Policy: &Grant{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ss.Close()
+	for _, gone := range []string{dead, bareSock, oldEmpty} {
+		if _, err := os.Lstat(gone); !os.IsNotExist(err) {
+			t.Errorf("%s is still there (%v)", gone, err)
+		}
+	}
+	for _, kept := range []string{live.Dir(), live.SocketPath(), young} {
+		if _, err := os.Lstat(kept); err != nil {
+			t.Errorf("%s was removed: %v", kept, err)
+		}
+	}
+}
