@@ -29,7 +29,11 @@ from the command line, where ps would show it.
 A token is a JSON object: access_token (required), refresh_token, expiry,
 token_type, scope, and any other member, which is kept as it is. expiry is
 Unix seconds; set converts an RFC 3339 time (as Go's oauth2.Token writes it)
-and an expires_in (seconds from now) to it, and refuses milliseconds.
+and an expires_in (seconds from now) to it, and refuses milliseconds. set
+also takes an agent CLI's credential file as it is (Claude Code's
+.credentials.json, the Codex CLI's auth.json, the Gemini CLI's
+oauth_creds.json): camelCase names and millisecond expiries are converted,
+and set says what it converted.
 PROTOCOL.md, "Token format", in the credproxy source has the rules.`
 
 const tokenExample = `  credproxy token set anthropic < token.json
