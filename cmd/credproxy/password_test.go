@@ -15,9 +15,7 @@ import (
 // is piped into token set, and the new store's password is typed at the
 // terminal; the token is stored, and reads back with that password.
 func TestPasswordPromptReadsTheTerminalWhenStdinCarriesTheSecret(t *testing.T) {
-	if _, err := exec.LookPath("script"); err != nil {
-		t.Skip("needs script (util-linux) for a pty")
-	}
+	needTool(t, "script", "util-linux") // for a pty
 	env := hostEnv(t)
 	var noPassword []string
 	for _, kv := range env {

@@ -41,9 +41,7 @@ func init() {
 // run, which run forwards after any SIGINT it forwarded: CMD must print
 // "INT 1" and then "TERM".
 func TestOneCtrlCReachesTheCommandOnce(t *testing.T) {
-	if _, err := exec.LookPath("script"); err != nil {
-		t.Skip("needs script (util-linux) for a pty")
-	}
+	needTool(t, "script", "util-linux") // for a pty
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
