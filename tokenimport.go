@@ -76,20 +76,11 @@ func readMembers(data []byte) ([]member, error) {
 	}
 	var members []member
 	for dec.PeekKind() == '"' {
-		name, err := dec.ReadToken()
+		m, err := readMember(dec)
 		if err != nil {
-			return nil, jsonTokenError(err)
+			return nil, err
 		}
-		n := name.String()
-		value, err := dec.ReadValue()
-		if err != nil {
-			return nil, jsonTokenError(err)
-		}
-		value = value.Clone()
-		if err := value.Compact(); err != nil {
-			return nil, jsonTokenError(err)
-		}
-		members = append(members, member{name: n, value: value})
+		members = append(members, m)
 	}
 	if tok, err := dec.ReadToken(); err != nil || tok.Kind() != '}' {
 		return nil, tokenError("malformed JSON")

@@ -65,19 +65,11 @@ func readToken(dec *jsontext.Decoder, input bool) (Token, error) {
 	var members []member
 	var lifetime expiresIn
 	for dec.PeekKind() != '}' {
-		name, err := dec.ReadToken()
+		m, err := readMember(dec)
 		if err != nil {
-			return Token{}, jsonTokenError(err)
+			return Token{}, err
 		}
-		n := name.String() // before the next read voids name
-		value, err := dec.ReadValue()
-		if err != nil {
-			return Token{}, jsonTokenError(err)
-		}
-		value = value.Clone()
-		if err := value.Compact(); err != nil {
-			return Token{}, jsonTokenError(err)
-		}
+		n, value := m.name, m.value
 		switch {
 		case n == fieldAccessToken:
 			if value.Kind() != '"' || len(value) <= 2 {
@@ -120,6 +112,25 @@ func readToken(dec *jsontext.Decoder, input bool) (Token, error) {
 		return Token{}, tokenError("access_token is required")
 	}
 	return t, nil
+}
+
+// readMember reads the next member of the object dec is in, its value
+// copied and compact.
+func readMember(dec *jsontext.Decoder) (member, error) {
+	name, err := dec.ReadToken()
+	if err != nil {
+		return member{}, jsonTokenError(err)
+	}
+	n := name.String() // before the next read voids name
+	value, err := dec.ReadValue()
+	if err != nil {
+		return member{}, jsonTokenError(err)
+	}
+	value = value.Clone()
+	if err := value.Compact(); err != nil {
+		return member{}, jsonTokenError(err)
+	}
+	return member{name: n, value: value}, nil
 }
 
 const (
