@@ -10,9 +10,10 @@ import (
 	"time"
 )
 
-// abandonedAfter is how old an empty session directory must be to be
-// taken for one a killed proxy left: younger, another proxy may be about
-// to listen in it.
+// abandonedAfter is how old an empty session directory, or a socket that
+// refuses connections, must be to be taken for what a killed proxy left:
+// younger, another proxy may be about to listen there (a socket refuses
+// connections between its bind and its listen).
 const abandonedAfter = time.Minute
 
 // removeStale removes from base, the per-user socket directory, what a
@@ -61,9 +62,12 @@ func removeSessionIfStale(dir string) {
 	os.Remove(dir) // fails, harmlessly, if something appeared meanwhile
 }
 
-// removeIfDead removes the socket at path if nothing listens on it, and
-// reports whether it did.
+// removeIfDead removes the socket at path if nothing listens on it and it
+// is older than abandonedAfter, and reports whether it did.
 func removeIfDead(path string) bool {
+	if fi, err := os.Lstat(path); err != nil || time.Since(fi.ModTime()) < abandonedAfter {
+		return false
+	}
 	c, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
 		c.Close()

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -55,7 +56,9 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 		l.Close()
 	}
 	long := time.Now().Add(-time.Hour)
-	os.Chtimes(oldEmpty, long, long)
+	for _, p := range []string{oldEmpty, deadSock, bareSock} {
+		os.Chtimes(p, long, long)
+	}
 
 	srv, err := NewServer(Options{Store: NewMemoryStore()})
 	if err != nil {
@@ -76,5 +79,32 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 		if _, err := os.Lstat(kept); err != nil {
 			t.Errorf("%s was removed: %v", kept, err)
 		}
+	}
+}
+
+// A session that has bound its socket and not yet listened (inside
+// net.ListenUnix) refuses connections for a moment, as a dead one does:
+// another session's cleanup leaves its socket and directory alone, since
+// a refused socket is removed only once it is older than abandonedAfter.
+// (Found by a reviewer: the cleanup removed both, and the starting
+// session failed.)
+func TestStaleCleanupSparesASessionStartingNow(t *testing.T) {
+	base := testSocketDir(t)
+	dir := filepath.Join(base, "session-starting")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	sock := filepath.Join(dir, "llxprt-cred-1-deadbeef.sock")
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: sock}); err != nil {
+		t.Fatal(err)
+	}
+	removeStale(base) // another session starting now, between bind and listen
+	if _, err := os.Lstat(sock); err != nil {
+		t.Errorf("the starting session's socket was removed between bind and listen: %v", err)
 	}
 }
