@@ -181,6 +181,9 @@ func expiryFrom(name string, v jsontext.Value) (jsontext.Value, string, error) {
 	if n < maxExpirySeconds {
 		return v, fmt.Sprintf("took %s as expiry in Unix seconds", name), nil
 	}
+	if n/1000 >= maxExpirySeconds {
+		return nil, "", tokenError(fmt.Sprintf("%s is too far in the future even as milliseconds since the epoch", name))
+	}
 	secs := int64(n / 1000)
 	return jsontext.Value(strconv.AppendInt(nil, secs, 10)), fmt.Sprintf("converted %s from milliseconds to expiry in Unix seconds", name), nil
 }

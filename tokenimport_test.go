@@ -50,6 +50,8 @@ func TestImportTokenRefusesWhatIsAmbiguous(t *testing.T) {
 		`{"accessToken":"fake-a","expiresAt":"tomorrow"}`:                     `expiresAt must be a number: milliseconds (or seconds) since the epoch`,
 		`{"accessToken":"fake-a","expiresAt":-5}`:                             `expiresAt must be a positive number of milliseconds`,
 		`{"accessToken":"fake-a","expiry":1893456000,"expiresAt":1893456000}`: `members "expiry" and "expiresAt" both give expiry`,
+		`{"accessToken":"fake-a","expiresAt":1e300}`:                          `expiresAt is too far in the future even as milliseconds`,
+		`{"accessToken":"fake-a","expiresAt":9.3e21}`:                         `expiresAt is too far in the future even as milliseconds`,
 		`{"nothing":"here"}`: `access_token is required`,
 		``:                   `must be a JSON object`,
 	} {
