@@ -159,7 +159,16 @@ func TestTokenAndKeyCommandsOnTheHost(t *testing.T) {
 // Every command answers -help with its synopsis, flags and a worked
 // example, on stdout (issue 15: help that was asked for), and exits 0.
 func TestEveryCommandHasHelpWithAnExample(t *testing.T) {
-	for _, cmd := range []string{"run", "serve", "token", "key", "version"} {
+	var commands []string // every command the usage names, so none is left out
+	for _, line := range strings.Split(usage, "\n") {
+		if rest, ok := strings.CutPrefix(line, "  credproxy "); ok {
+			commands = append(commands, strings.Fields(rest)[0])
+		}
+	}
+	if len(commands) < 6 {
+		t.Fatalf("the usage names only %q", commands)
+	}
+	for _, cmd := range commands {
 		r := credproxyCmd(t, os.Environ(), "", cmd, "-help")
 		if r.code != 0 || !strings.Contains(r.stdout, "Usage:") || !strings.Contains(r.stdout, "Example:") {
 			t.Errorf("credproxy %s -help: exit %d, stdout:\n%s", cmd, r.code, r.stdout)

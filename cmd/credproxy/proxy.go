@@ -25,6 +25,7 @@ type proxyFlags struct {
 	store      string
 	importFile string
 	sessionDir string
+	providers  string
 	verbose    bool
 }
 
@@ -44,6 +45,7 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&p.store, "store", "keyring", "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND) or memory")
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
 	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist, or be empty with mode 0700 (default: a new directory in the per-user directory in the temp dir)")
+	fs.StringVar(&p.providers, "providers", "", "the providers `file`, whose tokens the host refreshes (default: $"+providersEnv+", else providers.json in the config directory; see 'credproxy providers -help')")
 	fs.BoolVar(&p.verbose, "v", false, "log every request (the audit log) on stderr, besides the refusals logged always")
 }
 
@@ -71,9 +73,25 @@ func appendTo(list *[]string) func(string) error {
 // closes the session (revoking its token) and shuts the server down
 // gracefully (5 s).
 func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Session, stop func() error, err error) {
+	path, err := providersPath(p.providers)
+	if err != nil {
+		return nil, nil, err
+	}
+	provs, err := loadProviders(path, p.providers != "")
+	if err != nil {
+		return nil, nil, err
+	}
 	store, err := p.openStore(ctx)
 	if err != nil {
 		return nil, nil, err
+	}
+	refreshers, err := provs.refreshers(ctx, store)
+	if err != nil {
+		store.Close()
+		return nil, nil, err
+	}
+	if leaked := provs.secretKeysGranted(&p.grant); len(leaked) > 0 {
+		fmt.Fprintf(std.err, "credproxy: warning: the sandbox may read the client secret in %s\n", strings.Join(leaked, ", "))
 	}
 	level := slog.LevelInfo
 	if p.verbose {
@@ -83,6 +101,8 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 		Store:       store,
 		AllowedUIDs: p.allowUIDs,
 		Logger:      slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level})),
+		Refreshers:  refreshers,
+		OnRefresh:   reauthHint(std),
 	})
 	if err != nil {
 		store.Close()
@@ -142,6 +162,9 @@ alone in the session's directory: mount that directory into the sandbox,
 read-only. The sandbox may read what the -allow flags name and nothing else,
 and may change nothing unless -allow-write is given; the grant is logged on
 stderr when the session starts, and every refused request is logged there too.
+The tokens of the providers in the providers file ('credproxy providers -help')
+are refreshed on the host, before they expire and when the sandbox asks, so a
+long-running sandbox keeps working past its first token's lifetime.
 
 CMD gets descriptors 0, 1 and 2 and the token's 3, and none of the others run
 inherited. run forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to CMD, except a
@@ -258,7 +281,8 @@ token to the sandboxed program on its file descriptor 3, as the 64 characters
 and a newline (with LLXPRT_CAPABILITY_FD=3), never in its environment or
 arguments, and mount the socket's directory, read-only. Unlike run, serve
 cannot keep its own environment (the store password, say) from the sandbox:
-start the sandbox with a clean one. Logs go to stderr. serve makes itself
+start the sandbox with a clean one. Logs go to stderr. As with run, the
+tokens of the providers in the providers file are refreshed on the host. serve makes itself
 non-dumpable, as run does.`
 
 const serveExample = `  coproc CP { exec credproxy serve -allow-provider anthropic; }   # exec: $CP_PID is serve
