@@ -71,25 +71,9 @@ func appendTo(list *[]string) func(string) error {
 // closes the session (revoking its token) and shuts the server down
 // gracefully (5 s).
 func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Session, stop func() error, err error) {
-	store, err := p.openStore(ctx)
+	srv, store, err := p.newServer(ctx, std, nil)
 	if err != nil {
 		return nil, nil, err
-	}
-	level := slog.LevelInfo
-	if p.verbose {
-		level = slog.LevelDebug
-	}
-	srv, err := credproxy.NewServer(credproxy.Options{
-		Store:       store,
-		AllowedUIDs: p.allowUIDs,
-		Logger:      slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level})),
-	})
-	if err != nil {
-		store.Close()
-		return nil, nil, err
-	}
-	if len(p.grant.Buckets) > 0 && len(p.grant.Providers) == 0 {
-		fmt.Fprintln(std.err, "credproxy: warning: -allow-bucket without -allow-provider grants no token")
 	}
 	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
 	if err != nil {
@@ -99,15 +83,58 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	}
 	stop = func() error {
 		err := sess.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if serr := srv.Shutdown(ctx); err == nil {
+		if serr := shutdown(srv, store); err == nil {
 			err = serr
 		}
-		store.Close()
 		return err
 	}
 	return sess, stop, nil
+}
+
+// newServer opens the store and makes a server on it that logs on
+// stderr, with policy for the connections [credproxy.Server.Serve]
+// accepts (nil for a server of sessions only, which never calls Serve).
+// Both run's and serve's sessions and a socket-activated serve come
+// through here, so that the server is made one way. The caller closes the
+// store once the server is shut down: [shutdown] does both.
+func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.Policy) (*credproxy.Server, credproxy.StoreCloser, error) {
+	store, err := p.openStore(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	srv, err := credproxy.NewServer(credproxy.Options{
+		Store:       store,
+		Policy:      policy,
+		AllowedUIDs: p.allowUIDs,
+		Logger:      p.logger(std),
+	})
+	if err != nil {
+		store.Close()
+		return nil, nil, err
+	}
+	if len(p.grant.Buckets) > 0 && len(p.grant.Providers) == 0 {
+		fmt.Fprintln(std.err, "credproxy: warning: -allow-bucket without -allow-provider grants no token")
+	}
+	return srv, store, nil
+}
+
+// logger is the log on stderr: refusals and session events always, every
+// request with -v.
+func (p *proxyFlags) logger(std stdio) *slog.Logger {
+	level := slog.LevelInfo
+	if p.verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level}))
+}
+
+// shutdown shuts srv down gracefully (5 s at most), then closes its store.
+func shutdown(srv *credproxy.Server, store credproxy.StoreCloser) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := srv.Shutdown(ctx)
+	store.Close()
+	return err
 }
 
 func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, error) {
