@@ -286,7 +286,19 @@ and a newline (with LLXPRT_CAPABILITY_FD=3), never in its environment or
 arguments, and mount the socket's directory, read-only. Unlike run, serve
 cannot keep its own environment (the store password, say) from the sandbox:
 start the sandbox with a clean one. Logs go to stderr. serve makes itself
-non-dumpable, as run does.`
+non-dumpable, as run does.
+
+Started by systemd socket activation (LISTEN_PID and LISTEN_FDS; the README
+has a user unit pair), serve serves the one listening Unix socket systemd
+passes instead, prints nothing on stdout, and on SIGINT, SIGTERM or SIGHUP
+shuts down and leaves the socket to systemd; -session-dir does not apply.
+There is no session and no capability token then: every process that can
+connect to the socket gets the grant. The boundary is the socket's
+permissions (SocketMode=0600, in a directory only its user can reach:
+DirectoryMode=0700) and the peer-uid check, so mount the socket's directory
+only into sandboxes of that user, and start a serve of its own, with a
+socket of its own, for each grant. serve warns if the socket's mode lets
+other users connect.`
 
 const serveExample = `  coproc CP { exec credproxy serve -allow-provider anthropic; }   # exec: $CP_PID is serve
   read -r sock <&"${CP[0]}"; read -r tok <&"${CP[0]}"
@@ -314,6 +326,13 @@ func serveCommand(ctx context.Context, args []string, std stdio) error {
 	// leave the socket and session directory behind.
 	ctx, cancel := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer cancel()
+	ln, path, err := systemdListener()
+	if err != nil {
+		return err
+	}
+	if ln != nil {
+		return p.serveActivated(ctx, ln, path, std)
+	}
 	sess, stop, err := p.start(ctx, std)
 	if err != nil {
 		return err
