@@ -298,3 +298,64 @@ func descriptors(t *testing.T) func(socketFile, error) *os.File {
 // unixAddr is the address of a Unix socket of network at path.
 func unixAddr(network, path string) *net.UnixAddr { return &net.UnixAddr{Name: path, Net: network} }
 
+// The README's unit pair, as far as it runs without a user manager: the
+// service's ExecStart line, taken from README.md, runs under
+// systemd-socket-activate with a credentials directory holding the file
+// store's password (what LoadCredential= makes), and nothing else gives
+// the password. Its shell execs serve, which keeps the pid LISTEN_PID
+// names, so serve takes the socket; a sandbox in bubblewrap with the
+// socket's directory mounted read-only, as the README mounts
+// %t/credproxy, reads the token without its refresh token.
+func TestActivatedServeRunsAsTheREADMEServiceDoes(t *testing.T) {
+	needTool(t, "bwrap", "bubblewrap")
+	script := readmeExecStart(t)
+	env := hostEnv(t)
+	credproxyCmd(t, env, tokenJSON, "token", "set", "anthropic").want(t, 0, "")
+	creds := t.TempDir()
+	if err := os.WriteFile(filepath.Join(creds, "keyring-password"), []byte(fakePassword+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "credproxy")
+	os.Mkdir(dir, 0o700)
+	socket := filepath.Join(dir, "credproxy.sock")
+	needTool(t, "systemd-socket-activate", "systemd")
+	cmd := exec.Command("systemd-socket-activate", "-l", socket, "-E", "XDG_CONFIG_HOME", "-E", "CREDENTIALS_DIRECTORY="+creds,
+		"/bin/sh", "-c", script)
+	cmd.Env = withoutEnv(env, credproxy.KeyringPasswordEnv)
+	stderr := newLogBuffer()
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	stderr.await(t, "Listening on ", 1)
+
+	r := runBinary(t, "bwrap", pathEnv(t), "", nil, bwrapArgs(dir, "--clearenv", "--setenv", credproxy.SocketEnv, socket,
+		"--", "/credproxy", "token", "get", "anthropic")...)
+	if r.code != 0 || r.stdout != sanitised+"\n" {
+		t.Errorf("token get in bubblewrap: %+v\nserve's stderr:\n%s", r, stderr)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if code := waitExit(t, cmd); code != 0 {
+		t.Errorf("serve exited %d after SIGTERM; stderr:\n%s", code, stderr)
+	}
+}
+
+// readmeExecStart returns the shell script of the README's credproxy.service
+// ExecStart line, as systemd would run it here: $$ is $, and the binary is
+// the one under test.
+func readmeExecStart(t *testing.T) string {
+	t.Helper()
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(readme)) {
+		if script, ok := strings.CutPrefix(strings.TrimSpace(line), "ExecStart=/bin/sh -c '"); ok && strings.HasSuffix(script, "'") {
+			script = strings.ReplaceAll(strings.TrimSuffix(script, "'"), "$$", "$")
+			return strings.ReplaceAll(script, "%h/go/bin/credproxy", binary)
+		}
+	}
+	t.Fatal("README.md has no ExecStart=/bin/sh -c '...' line")
+	return ""
+}
