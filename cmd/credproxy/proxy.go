@@ -175,7 +175,9 @@ inherited. run forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to CMD, except a
 Ctrl-C or Ctrl-\ from the terminal, which CMD gets from it directly; when CMD
 exits, run closes the session (its socket, directory and token stop working),
 shuts the proxy down (5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
-not started and run exits 125. On Linux CMD is killed if run dies.
+not started and run exits 125. On Linux CMD is killed if run dies, and a run
+that is PID 1 (a container's entrypoint) reaps the orphaned processes
+reparented to it, so that they do not linger as zombies.
 CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
 itself non-dumpable so that CMD cannot read it from /proc either.`
 
@@ -232,36 +234,45 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 		stop()
 		return reportStart(err, std)
 	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-	var werr error
+	waited := make(chan int, 1)
+	go func() { waited <- waitCommand(cmd, std) }()
+	var status int
 	for done := false; !done; {
 		select {
 		case sig := <-signals:
 			if !terminalSentToo(sig, cmd.Process.Pid) { // one Ctrl-C must reach CMD once
 				cmd.Process.Signal(sig)
 			}
-		case werr = <-waited:
+		case status = <-waited:
 			done = true
 		}
 	}
 	if err := stop(); err != nil {
 		fmt.Fprintln(std.err, "credproxy: shutting the proxy down:", err)
 	}
-	return exitStatus(cmd, werr, std)
+	return status
 }
 
-// exitStatus is the status run exits with for CMD's end: its exit code,
-// or 128 plus the signal that killed it, as shells report it.
+// exitStatus is the status run exits with for CMD's end, as cmd.Wait
+// reported it (err): see waitStatusCode.
 func exitStatus(cmd *exec.Cmd, err error, std stdio) int {
 	if cmd.ProcessState == nil {
 		fmt.Fprintln(std.err, "credproxy:", err)
 		return exitError
 	}
-	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return exitSignalBase + int(ws.Signal())
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
+		return waitStatusCode(ws)
 	}
 	return cmd.ProcessState.ExitCode()
+}
+
+// waitStatusCode is the status run exits with for CMD's wait status: its
+// exit code, or 128 plus the signal that killed it, as shells report it.
+func waitStatusCode(ws syscall.WaitStatus) int {
+	if ws.Signaled() {
+		return exitSignalBase + int(ws.Signal())
+	}
+	return ws.ExitStatus()
 }
 
 // withoutEnv returns env without the variables called names.
