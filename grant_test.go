@@ -61,3 +61,18 @@ func TestGrantStringIsOneLine(t *testing.T) {
 		}
 	}
 }
+
+// A Grant given to NewServer as the policy of Serve is checked as
+// NewSession checks one: a name no request could carry, a typo most
+// likely, is refused rather than granting nothing without a word.
+func TestNewServerRefusesAGrantNamingNoPossibleName(t *testing.T) {
+	_, err := NewServer(Options{Store: NewMemoryStore(), Policy: &Grant{Keys: []string{"open ai"}}})
+	if err == nil || !strings.Contains(err.Error(), `Grant.Keys: "open ai" is not a name`) {
+		t.Errorf("NewServer with Grant.Keys \"open ai\": %v", err)
+	}
+	srv, err := NewServer(Options{Store: NewMemoryStore(), Policy: &Grant{Providers: []string{"anthropic"}}})
+	if err != nil {
+		t.Fatalf("NewServer with a valid grant: %v", err)
+	}
+	srv.Close()
+}

@@ -24,7 +24,8 @@ type Options struct {
 	// Policy decides which requests arriving through [Server.Serve] are
 	// allowed. Nil allows all: Serve is for embedders whose clients are
 	// trusted. A sandbox gets a [Session] instead ([Server.NewSession]),
-	// with a Policy of its own.
+	// with a Policy of its own. A [*Grant] is checked as NewSession
+	// checks one.
 	Policy Policy
 
 	// Logger receives the audit log (one debug record per request) and

@@ -50,8 +50,9 @@ type Server struct {
 	wg        sync.WaitGroup // every connection goroutine
 }
 
-// NewServer returns a server for opts. It fails only if opts.Store is nil
-// or a field is out of range.
+// NewServer returns a server for opts. It fails only if opts.Store is nil,
+// a field is out of range, or opts.Policy is a [*Grant] that names what no
+// request could carry.
 func NewServer(opts Options) (*Server, error) {
 	if opts.Store == nil {
 		return nil, errors.New("credproxy: Options.Store is nil; use NewMemoryStore or another Store")
@@ -62,6 +63,14 @@ func NewServer(opts Options) (*Server, error) {
 	}
 	if opts.Policy == nil {
 		opts.Policy = AllowAll()
+	}
+	// A Grant with a typo would grant nothing without a word: refuse it
+	// here as NewSession does, for a server whose Serve has a grant
+	// (credproxy serve under systemd socket activation).
+	if g, ok := opts.Policy.(*Grant); ok {
+		if err := g.check(); err != nil {
+			return nil, err
+		}
 	}
 	logger := opts.Logger
 	if logger == nil {

@@ -289,6 +289,13 @@ func startCredproxy(t *testing.T, args ...string) (*exec.Cmd, *bufio.Scanner) {
 	t.Helper()
 	cmd := exec.Command(binary, args...)
 	cmd.Env = hostEnv(t)
+	return cmd, startFirstLine(t, cmd)
+}
+
+// startFirstLine starts cmd, waits for its first line of output and
+// returns the scanner holding that line. The process is killed at cleanup.
+func startFirstLine(t *testing.T, cmd *exec.Cmd) *bufio.Scanner {
+	t.Helper()
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -299,9 +306,9 @@ func startCredproxy(t *testing.T, args ...string) (*exec.Cmd, *bufio.Scanner) {
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	lines := bufio.NewScanner(stdout)
 	if !lines.Scan() {
-		t.Fatalf("credproxy %v printed nothing", args)
+		t.Fatalf("%v printed nothing", cmd.Args)
 	}
-	return cmd, lines
+	return lines
 }
 
 // writeCreds writes the demo credentials in the import format.

@@ -73,6 +73,33 @@ func appendTo(list *[]string) func(string) error {
 // closes the session (revoking its token) and shuts the server down
 // gracefully (5 s).
 func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Session, stop func() error, err error) {
+	srv, store, err := p.newServer(ctx, std, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
+	if err != nil {
+		srv.Close()
+		store.Close()
+		return nil, nil, err
+	}
+	stop = func() error {
+		err := sess.Close()
+		if serr := shutdown(srv, store); err == nil {
+			err = serr
+		}
+		return err
+	}
+	return sess, stop, nil
+}
+
+// newServer opens the store and makes a server on it that logs on
+// stderr, with policy for the connections [credproxy.Server.Serve]
+// accepts (nil for a server of sessions only, which never calls Serve).
+// Both run's and serve's sessions and a socket-activated serve come
+// through here, so that the server is made one way. The caller closes the
+// store once the server is shut down: [shutdown] does both.
+func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.Policy) (*credproxy.Server, credproxy.StoreCloser, error) {
 	path, err := providersPath(p.providers)
 	if err != nil {
 		return nil, nil, err
@@ -93,14 +120,11 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	if leaked := provs.secretKeysGranted(&p.grant); len(leaked) > 0 {
 		fmt.Fprintf(std.err, "credproxy: warning: the sandbox may read the client secret in %s\n", strings.Join(leaked, ", "))
 	}
-	level := slog.LevelInfo
-	if p.verbose {
-		level = slog.LevelDebug
-	}
 	srv, err := credproxy.NewServer(credproxy.Options{
 		Store:       store,
+		Policy:      policy,
 		AllowedUIDs: p.allowUIDs,
-		Logger:      slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level})),
+		Logger:      p.logger(std),
 		Refreshers:  refreshers,
 		OnRefresh:   reauthHint(std),
 	})
@@ -111,23 +135,26 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	if len(p.grant.Buckets) > 0 && len(p.grant.Providers) == 0 {
 		fmt.Fprintln(std.err, "credproxy: warning: -allow-bucket without -allow-provider grants no token")
 	}
-	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
-	if err != nil {
-		srv.Close()
-		store.Close()
-		return nil, nil, err
+	return srv, store, nil
+}
+
+// logger is the log on stderr: refusals and session events always, every
+// request with -v.
+func (p *proxyFlags) logger(std stdio) *slog.Logger {
+	level := slog.LevelInfo
+	if p.verbose {
+		level = slog.LevelDebug
 	}
-	stop = func() error {
-		err := sess.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if serr := srv.Shutdown(ctx); err == nil {
-			err = serr
-		}
-		store.Close()
-		return err
-	}
-	return sess, stop, nil
+	return slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level}))
+}
+
+// shutdown shuts srv down gracefully (5 s at most), then closes its store.
+func shutdown(srv *credproxy.Server, store credproxy.StoreCloser) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := srv.Shutdown(ctx)
+	store.Close()
+	return err
 }
 
 func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, error) {
@@ -171,7 +198,9 @@ inherited. run forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to CMD, except a
 Ctrl-C or Ctrl-\ from the terminal, which CMD gets from it directly; when CMD
 exits, run closes the session (its socket, directory and token stop working),
 shuts the proxy down (5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
-not started and run exits 125. On Linux CMD is killed if run dies.
+not started and run exits 125. On Linux CMD is killed if run dies, and a run
+that is PID 1 (a container's entrypoint) reaps the orphaned processes
+reparented to it, so that they do not linger as zombies.
 CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
 itself non-dumpable so that CMD cannot read it from /proc either.`
 
@@ -228,36 +257,45 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 		stop()
 		return reportStart(err, std)
 	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-	var werr error
+	waited := make(chan int, 1)
+	go func() { waited <- waitCommand(cmd, std) }()
+	var status int
 	for done := false; !done; {
 		select {
 		case sig := <-signals:
 			if !terminalSentToo(sig, cmd.Process.Pid) { // one Ctrl-C must reach CMD once
 				cmd.Process.Signal(sig)
 			}
-		case werr = <-waited:
+		case status = <-waited:
 			done = true
 		}
 	}
 	if err := stop(); err != nil {
 		fmt.Fprintln(std.err, "credproxy: shutting the proxy down:", err)
 	}
-	return exitStatus(cmd, werr, std)
+	return status
 }
 
-// exitStatus is the status run exits with for CMD's end: its exit code,
-// or 128 plus the signal that killed it, as shells report it.
+// exitStatus is the status run exits with for CMD's end, as cmd.Wait
+// reported it (err): see waitStatusCode.
 func exitStatus(cmd *exec.Cmd, err error, std stdio) int {
 	if cmd.ProcessState == nil {
 		fmt.Fprintln(std.err, "credproxy:", err)
 		return exitError
 	}
-	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return exitSignalBase + int(ws.Signal())
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
+		return waitStatusCode(ws)
 	}
 	return cmd.ProcessState.ExitCode()
+}
+
+// waitStatusCode is the status run exits with for CMD's wait status: its
+// exit code, or 128 plus the signal that killed it, as shells report it.
+func waitStatusCode(ws syscall.WaitStatus) int {
+	if ws.Signaled() {
+		return exitSignalBase + int(ws.Signal())
+	}
+	return ws.ExitStatus()
 }
 
 // withoutEnv returns env without the variables called names.
@@ -283,7 +321,19 @@ arguments, and mount the socket's directory, read-only. Unlike run, serve
 cannot keep its own environment (the store password, say) from the sandbox:
 start the sandbox with a clean one. Logs go to stderr. As with run, the
 tokens of the providers in the providers file are refreshed on the host. serve makes itself
-non-dumpable, as run does.`
+non-dumpable, as run does.
+
+Started by systemd socket activation (LISTEN_PID and LISTEN_FDS; the README
+has a user unit pair), serve serves the one listening Unix socket systemd
+passes instead, prints nothing on stdout, and on SIGINT, SIGTERM or SIGHUP
+shuts down and leaves the socket to systemd; -session-dir does not apply.
+There is no session and no capability token then: every process that can
+connect to the socket gets the grant. The boundary is the socket's
+permissions (SocketMode=0600, in a directory only its user can reach:
+DirectoryMode=0700) and the peer-uid check, so mount the socket's directory
+only into sandboxes of that user, and start a serve of its own, with a
+socket of its own, for each grant. serve warns if the socket's mode lets
+other users connect.`
 
 const serveExample = `  coproc CP { exec credproxy serve -allow-provider anthropic; }   # exec: $CP_PID is serve
   read -r sock <&"${CP[0]}"; read -r tok <&"${CP[0]}"
@@ -311,6 +361,13 @@ func serveCommand(ctx context.Context, args []string, std stdio) error {
 	// leave the socket and session directory behind.
 	ctx, cancel := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer cancel()
+	ln, path, err := systemdListener()
+	if err != nil {
+		return err
+	}
+	if ln != nil {
+		return p.serveActivated(ctx, ln, path, std)
+	}
 	sess, stop, err := p.start(ctx, std)
 	if err != nil {
 		return err
