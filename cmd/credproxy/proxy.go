@@ -229,6 +229,9 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", err)
 		return exitNoProxy
 	}
+	if err := p.checkReaping(); err != nil {
+		return reportRun(err, std)
+	}
 	inheritNothing()
 	sess, stop, err := p.start(ctx, std)
 	if err != nil {

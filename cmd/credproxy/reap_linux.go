@@ -1,11 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"syscall"
 
+	"github.com/credproxy/credproxy"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,6 +28,18 @@ func waitCommand(cmd *exec.Cmd, std stdio) int {
 		return exitError
 	}
 	return waitStatusCode(ws)
+}
+
+// checkReaping refuses, when run is PID 1 and so reaps every child, a
+// store whose backend runs programs and waits for them: the pass backend
+// runs pass (and gpg) for every read, and the reaping would take their
+// exit from that wait, failing reads at random. Better a clear error up
+// front.
+func (p *proxyFlags) checkReaping() error {
+	if os.Getpid() != 1 || p.store != "keyring" || os.Getenv(credproxy.KeyringBackendEnv) != "pass" {
+		return nil
+	}
+	return errors.New("run is PID 1 here, so it reaps every process that ends in this pid namespace, and the pass backend's programs would be reaped under it; use CREDPROXY_KEYRING_BACKEND=file or -store memory, or run under an init (podman run --init)")
 }
 
 // reapUntil reaps this process's children as they end, orphans and CMD

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"strings"
 	"testing"
 )
 
@@ -56,5 +57,19 @@ func TestRunAsPID1ForwardsSIGTERMFromInside(t *testing.T) {
 func TestRunAsPID1ExitsWith128PlusTheSignalThatKilledTheCommand(t *testing.T) {
 	if r := runAsPID1(t, `kill -KILL $$`); r.code != 128+9 {
 		t.Errorf("CMD killed by SIGKILL: run exited %d, want 137\nstderr:\n%s", r.code, r.stderr)
+	}
+}
+
+// As PID 1, run refuses the pass backend, whose programs its reaping would
+// take from the store's own waits, and says what to use instead, before
+// CMD starts (exit 125).
+func TestRunAsPID1RefusesThePassBackend(t *testing.T) {
+	needTool(t, "unshare", "util-linux")
+	needRoot(t, "unshare --pid needs root")
+	env := append(pathEnv(t), "CREDPROXY_KEYRING_BACKEND=pass")
+	r := runBinary(t, "unshare", env, "", nil, "--pid", "--fork", "--mount-proc", binary,
+		"run", "-allow-provider", "anthropic", "--", "sh", "-c", "echo started")
+	if r.code != exitNoProxy || r.stdout != "" || !strings.Contains(r.stderr, "use CREDPROXY_KEYRING_BACKEND=file or -store memory") {
+		t.Errorf("run as PID 1 with pass: exit %d, stdout %q, stderr %q; want 125 and a way out", r.code, r.stdout, r.stderr)
 	}
 }
