@@ -2,7 +2,7 @@
 // trying credproxy login and logout without an account anywhere, and
 // plays the user's part in its pages, for a machine without a browser.
 //
-//	demoprovider [-addr 127.0.0.1:9998] > providers.json   # serve until Ctrl-C
+//	demoprovider [-addr 127.0.0.1:9998] [-v] > providers.json   # serve until Ctrl-C
 //	demoprovider browse URL                                # log in at URL as the demo user
 //	demoprovider approve URI CODE                          # approve a device code as the demo user
 //
@@ -22,8 +22,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -33,9 +35,9 @@ import (
 )
 
 const usage = `Usage:
-  demoprovider [-addr 127.0.0.1:9998]   serve the provider until SIGINT or SIGTERM; print a providers.json for it
-  demoprovider browse URL               open URL as a browser would, and log in as the demo user
-  demoprovider approve URI CODE         approve the device code CODE at URI as the demo user
+  demoprovider [-addr 127.0.0.1:9998] [-v]   serve the provider until SIGINT or SIGTERM; print a providers.json for it
+  demoprovider browse URL                    open URL as a browser would, and log in as the demo user
+  demoprovider approve URI CODE              approve the device code CODE at URI as the demo user
 `
 
 func main() {
@@ -63,11 +65,20 @@ func run(args []string) int {
 		fs := flag.NewFlagSet("demoprovider", flag.ContinueOnError)
 		fs.Usage = func() { fmt.Fprint(os.Stderr, usage) }
 		addr := fs.String("addr", "127.0.0.1:9998", "the loopback `address` to serve on")
-		if err := fs.Parse(args); err != nil {
+		verbose := fs.Bool("v", false, "log every request the provider serves, on stderr")
+		if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+			return 0
+		} else if err != nil {
 			return 2
 		}
 		if fs.NArg() > 0 {
 			return usageError("unknown command %q", fs.Arg(0))
+		}
+		if !*verbose {
+			// The example provider logs every request through slog's
+			// default logger, which would bury credproxy's prompts when
+			// both share a terminal.
+			slog.SetDefault(slog.New(slog.DiscardHandler))
 		}
 		err = serve(*addr)
 	}
