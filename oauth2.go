@@ -103,10 +103,41 @@ func (o *OAuth2Refresher) hideClientSecret(err error) error {
 	if o.ClientSecret == "" {
 		return err
 	}
-	secret := string(o.ClientSecret)
+	return &redactedError{cause: err, msg: redact(err.Error(), clientSecretForms(o.ClientID, o.ClientSecret)...)}
+}
+
+// clientSecretForms returns the forms in which a request quotes the
+// client secret besides those redact finds itself: as it is, and in the
+// Basic header, with and without the URL-encoding that golang.org/x/oauth2
+// applies first. It returns none for no secret.
+func clientSecretForms(clientID string, secret Secret) []string {
+	if secret == "" {
+		return nil
+	}
+	s := string(secret)
 	b64 := base64.StdEncoding.EncodeToString
-	return &redactedError{cause: err, msg: redact(err.Error(), secret,
-		b64([]byte(url.QueryEscape(o.ClientID)+":"+url.QueryEscape(secret))), b64([]byte(o.ClientID+":"+secret)))}
+	return []string{s, b64([]byte(url.QueryEscape(clientID) + ":" + url.QueryEscape(s))), b64([]byte(clientID + ":" + s))}
+}
+
+// RedactOAuth2Error returns err, from a request that a host made to a
+// provider as the client clientID with clientSecret (logging in, polling
+// a device code, revoking: the calls an [OAuth2Refresher] does not make),
+// fit for the host's terminal or log. Its text loses the client secret,
+// in any escaping and in an HTTP Basic header; each of secrets (the
+// tokens, codes and verifiers the request carried); and every run of
+// characters that looks like a token. It is cut to 4 KiB and put on one
+// line. The result matches what err matches (errors.Is), but does not
+// unwrap to it: err may hold the provider's raw response. A nil err
+// gives nil.
+func RedactOAuth2Error(err error, clientID string, clientSecret Secret, secrets ...Secret) error {
+	if err == nil {
+		return nil
+	}
+	all := clientSecretForms(clientID, clientSecret)
+	for _, s := range secrets {
+		all = append(all, string(s))
+	}
+	return redactLine(err, all...)
 }
 
 // classifyOAuth2Error wraps err with the sentinel its kind calls for: a

@@ -1,6 +1,8 @@
 package credproxy
 
 import (
+	"encoding/base64"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/url"
@@ -248,5 +250,29 @@ func checkRedactsEncodedSecret(t *testing.T, secret string) {
 				t.Errorf("%s of %q: redact left its %s form %q in %q", esc.name, secret, form.name, enc, got)
 			}
 		}
+	}
+}
+
+// RedactOAuth2Error takes out of a provider's error the client secret (in
+// the form, escaped, and in the Basic header a provider may echo) and the
+// secrets the request carried, even ones too short to look secret; puts
+// the text on one line; and keeps what the error matches.
+func TestRedactOAuth2ErrorHidesTheRequestsSecrets(t *testing.T) {
+	const id, secret, code = "cli app", "fake8Q~aB3.cD4_eF5~gH6", "c0de"
+	basic := base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(id) + ":" + url.QueryEscape(secret)))
+	cause := fmt.Errorf("%w: oauth2: cannot fetch token: 400\nResponse: {\"error\":\"invalid_grant\",\"error_description\":\"form client_secret=%s&code=%s, auth Basic %s\"}",
+		ErrReauthRequired, url.QueryEscape(secret), code, basic)
+	err := RedactOAuth2Error(cause, id, secret, code)
+	msg := err.Error()
+	for _, form := range []string{secret, url.QueryEscape(secret), secret[6:14], basic[:12], "code=" + code, "\n"} {
+		if strings.Contains(msg, form) {
+			t.Errorf("%q appears in %q", form, msg)
+		}
+	}
+	if !strings.Contains(msg, "invalid_grant") || !errors.Is(err, ErrReauthRequired) {
+		t.Errorf("RedactOAuth2Error lost the error: %q, matches ErrReauthRequired: %t", msg, errors.Is(err, ErrReauthRequired))
+	}
+	if RedactOAuth2Error(nil, id, secret) != nil {
+		t.Error("RedactOAuth2Error(nil) is not nil")
 	}
 }

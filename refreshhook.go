@@ -106,8 +106,14 @@ func isRedacted(err error) bool {
 // redactError returns err with the secrets of tokens redacted from its
 // text, which is cut to maxLoggedText bytes.
 func redactError(err error, tokens ...Token) error {
-	// One line: golang.org/x/oauth2 puts the response body on a line of
-	// its own, and a host prints the error in a line of its log.
-	msg := strings.ReplaceAll(redactCut(err.Error(), secretsOf(tokens)...), "\n", " ")
+	return redactLine(err, secretsOf(tokens)...)
+}
+
+// redactLine returns err with secrets, and what looks like one, redacted
+// from its text, which is cut to maxLoggedText bytes and put on one line:
+// golang.org/x/oauth2 puts the response body on a line of its own, and a
+// host prints the error in a line of its log.
+func redactLine(err error, secrets ...string) error {
+	msg := strings.ReplaceAll(redactCut(err.Error(), secrets...), "\n", " ")
 	return &redactedError{msg: msg, cause: err}
 }

@@ -40,6 +40,8 @@ Usage:
   credproxy serve [flags]                  serve one session until SIGINT or SIGTERM
   credproxy token get|set|rm|ls [ARGS]     manage OAuth tokens
   credproxy key get|set|rm|ls [ARGS]       manage API keys
+  credproxy login PROVIDER [BUCKET]        log in to a provider on the host, store the token
+  credproxy logout PROVIDER [BUCKET]       revoke the token at the provider, remove it
   credproxy providers                      list the providers configured and the tokens' states
   credproxy version                        print the version
 
@@ -96,10 +98,14 @@ func mainWith(args []string, std stdio) int {
 		err = keyCommand(ctx, args, std)
 	case "providers":
 		err = providersCommand(ctx, args, std)
+	case "login":
+		err = loginCommand(ctx, args, std)
+	case "logout":
+		err = logoutCommand(ctx, args, std)
 	case "version", "-version", "--version":
 		err = versionCommand(args, std)
 	case "help", "-h", "-help", "--help":
-		if len(args) > 0 && slices.Contains([]string{"run", "serve", "token", "key", "providers", "version"}, args[0]) {
+		if len(args) > 0 && slices.Contains([]string{"run", "serve", "token", "key", "login", "logout", "providers", "version"}, args[0]) {
 			return mainWith([]string{args[0], "-help"}, std)
 		}
 		fmt.Fprint(std.out, usage)

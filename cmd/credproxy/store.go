@@ -233,20 +233,9 @@ func parseVerb(fs *flag.FlagSet, args []string) (verb string, rest []string, err
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") && !slices.Contains(storeVerbs, args[0]) {
 		return "", nil, unknown(args[0])
 	}
-	var names []string
-	for {
-		if err := parseFlags(fs, args); err != nil {
-			return "", nil, err
-		}
-		left := fs.Args()
-		if len(left) == 0 {
-			break
-		}
-		if len(args) > len(left) && args[len(args)-len(left)-1] == "--" {
-			names = append(names, left...)
-			break
-		}
-		names, args = append(names, left[0]), left[1:]
+	names, err := parseNames(fs, args)
+	if err != nil {
+		return "", nil, err
 	}
 	if len(names) == 0 {
 		return "", nil, usageError("%s needs a command: get, set, rm or ls; run 'credproxy %s -help'", fs.Name(), fs.Name())
@@ -255,6 +244,25 @@ func parseVerb(fs *flag.FlagSet, args []string) (verb string, rest []string, err
 		return "", nil, unknown(names[0])
 	}
 	return names[0], names[1:], nil
+}
+
+// parseNames parses args with fs's flags anywhere among them, up to a
+// "--" after which every argument is a name, and returns the names.
+func parseNames(fs *flag.FlagSet, args []string) ([]string, error) {
+	var names []string
+	for {
+		if err := parseFlags(fs, args); err != nil {
+			return nil, err
+		}
+		left := fs.Args()
+		if len(left) == 0 {
+			return names, nil
+		}
+		if len(args) > len(left) && args[len(args)-len(left)-1] == "--" {
+			return append(names, left...), nil
+		}
+		names, args = append(names, left[0]), left[1:]
+	}
 }
 
 // openStore opens the store a token or key command works on: the proxy's
