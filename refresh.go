@@ -117,6 +117,9 @@ type want struct {
 	// given a token other than the stored one, the stored one is what it
 	// needs, and no provider call.
 	session *Session
+	// renewal marks proactive renewal, which refreshes a token before it
+	// expires.
+	renewal bool
 }
 
 func newCoordinator(srv *Server, refreshers map[string]Refresher) *coordinator {
@@ -173,21 +176,31 @@ func (co *coordinator) refresh(ctx context.Context, provider, bucket string, w w
 	}
 	co.mu.Lock()
 	f := co.flights[key]
-	if f == nil {
-		now := time.Now()
-		if since := now.Sub(co.lastDone[key]); since < refreshCooldown {
-			co.mu.Unlock()
-			// The token seen may predate the refresh that started the
-			// cooldown.
-			stored, err := st.GetToken(ctx, provider, bucket)
-			if err != nil {
-				return Token{}, err
-			}
-			if validFor(stored, time.Now()) > 0 {
-				return stored, nil
-			}
+	if now := time.Now(); f == nil && now.Sub(co.lastDone[key]) < refreshCooldown {
+		since := now.Sub(co.lastDone[key])
+		co.mu.Unlock()
+		// The token seen may predate the refresh that started the
+		// cooldown.
+		stored, err := st.GetToken(ctx, provider, bucket)
+		if err != nil {
+			return Token{}, err
+		}
+		if validFor(stored, time.Now()) > 0 && !w.renewal {
+			return stored, nil
+		}
+		if w.session != nil {
 			return Token{}, &retryLater{after: refreshCooldown - since}
 		}
+		// The host's own refreshes, get_token's for an expired token
+		// and the renewal of one that expires within the cooldown, go
+		// on: the token lived less than the cooldown, and waiting it out
+		// would leave the sandbox with none. They stay one per token
+		// lifetime (half of it for renewals), which the provider chose.
+		co.mu.Lock()
+		f = co.flights[key]
+	}
+	if f == nil {
+		now := time.Now()
 		if until := co.failed[key].until; now.Before(until) {
 			co.mu.Unlock()
 			return Token{}, &retryLater{after: until.Sub(now), failed: true}

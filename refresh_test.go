@@ -815,3 +815,56 @@ func TestRenewalFollowsTheStoredToken(t *testing.T) {
 		}
 	})
 }
+
+// F2 with tokens that live less than the 30 s cooldown: get_token for a
+// token that expired within the cooldown after a refresh refreshes it
+// again, rather than answering RATE_LIMITED until the cooldown ends (the
+// sandbox would wait out the rest of it with no working token). Only
+// refresh_token, which a sandbox sends at will, is held by the cooldown.
+func TestGetTokenRefreshesATokenThatExpiredWithinTheCooldown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, 4*time.Second, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		ctx := context.Background()
+		first, err := h.client.GetToken(ctx, "anthropic", "")
+		if err != nil || string(first.AccessToken()) != "fake-access-1" {
+			t.Fatalf("get_token of an expired token: %q, %v; want the refreshed fake-access-1", string(first.AccessToken()), err)
+		}
+		time.Sleep(5 * time.Second) // fake-access-1 has expired; 25 s of cooldown left
+		start := time.Now()
+		second, err := h.client.GetToken(ctx, "anthropic", "")
+		if err != nil || string(second.AccessToken()) != "fake-access-2" || time.Since(start) > time.Second {
+			t.Errorf("get_token within the cooldown, token expired: %q, %v after %v; want fake-access-2 at once",
+				string(second.AccessToken()), err, time.Since(start))
+		}
+		if n := h.endpoint.callCount(); n != 2 {
+			t.Errorf("provider calls = %d, want 2", n)
+		}
+	})
+}
+
+// Proactive renewal of a token that lives less than the cooldown renews
+// it before it expires (halfway), rather than waiting for the cooldown to
+// end with the token expired meanwhile: a sandbox that reads its token
+// again and again never finds it expired. And it stays one provider call
+// per half lifetime, no more.
+func TestRenewalOfAShortLivedTokenIsNotHeldByTheCooldown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, 4*time.Second, expiringToken(t, -time.Second), Options{})
+		ctx := context.Background()
+		for i := 0; i < 40; i++ {
+			tok, err := h.client.GetToken(ctx, "anthropic", "")
+			if err != nil {
+				t.Fatalf("get_token at %d s: %v", i/2, err)
+			}
+			if exp, _ := tok.Expiry(); !exp.After(time.Now()) {
+				t.Fatalf("get_token at %d s served a token that expired at %v", i/2, exp)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		// 20 s of 4 s tokens renewed halfway: about 10 calls.
+		if n := h.endpoint.callCount(); n < 6 || n > 12 {
+			t.Errorf("provider calls in 20 s = %d, want one per 2 s or so", n)
+		}
+		h.srv.Close()
+	})
+}

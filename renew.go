@@ -127,7 +127,7 @@ func (co *coordinator) fire(r *renewal, provider, bucket string) {
 	co.mu.Lock()
 	coolUntil := co.lastDone[key].Add(refreshCooldown)
 	co.mu.Unlock()
-	if err == nil && now.Before(coolUntil) {
+	if err == nil && now.Before(coolUntil) && exp.After(coolUntil) {
 		co.reschedule(r, provider, bucket, coolUntil)
 		return
 	}
@@ -135,7 +135,7 @@ func (co *coordinator) fire(r *renewal, provider, bucket string) {
 	if err == nil {
 		// Refresh unless, under the lock, the token turns out to outlive
 		// the one just read.
-		fresh, err = co.refresh(ctx, provider, bucket, want{seen: stored, need: exp.Sub(now) + time.Second})
+		fresh, err = co.refresh(ctx, provider, bucket, want{seen: stored, need: exp.Sub(now) + time.Second, renewal: true})
 	}
 	var wait *retryLater
 	switch {
