@@ -35,9 +35,10 @@ import (
 )
 
 const usage = `Usage:
-  demoprovider [-addr 127.0.0.1:9998] [-v]   serve the provider until SIGINT or SIGTERM; print a providers.json for it
-  demoprovider browse URL                    open URL as a browser would, and log in as the demo user
-  demoprovider approve URI CODE              approve the device code CODE at URI as the demo user
+  demoprovider [-addr 127.0.0.1:9998] [-token-lifetime D] [-v]
+                                  serve the provider until SIGINT or SIGTERM; print a providers.json for it
+  demoprovider browse URL         open URL as a browser would, and log in as the demo user
+  demoprovider approve URI CODE   approve the device code CODE at URI as the demo user
 `
 
 func main() {
@@ -66,6 +67,7 @@ func run(args []string) int {
 		fs.Usage = func() { fmt.Fprint(os.Stderr, usage) }
 		addr := fs.String("addr", "127.0.0.1:9998", "the loopback `address` to serve on")
 		verbose := fs.Bool("v", false, "log every request the provider serves, on stderr")
+		lifetime := fs.Duration("token-lifetime", 0, "the access tokens' lifetime (expires_in), such as 20s, to watch credproxy refresh them (default 5m)")
 		if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 			return 0
 		} else if err != nil {
@@ -80,7 +82,7 @@ func run(args []string) int {
 			// both share a terminal.
 			slog.SetDefault(slog.New(slog.DiscardHandler))
 		}
-		err = serve(*addr)
+		err = serve(oidcprovider.Options{Addr: *addr, AccessTokenLifetime: *lifetime})
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demoprovider:", err)
@@ -102,10 +104,10 @@ func withTimeout(f func(context.Context) error) error {
 	return f(ctx)
 }
 
-// serve runs the provider on addr until SIGINT or SIGTERM, after printing
+// serve runs the provider opts describe until SIGINT or SIGTERM, after printing
 // a providers file for it on stdout.
-func serve(addr string) error {
-	p, err := oidcprovider.Start(oidcprovider.Options{Addr: addr})
+func serve(opts oidcprovider.Options) error {
+	p, err := oidcprovider.Start(opts)
 	if err != nil {
 		return err
 	}
