@@ -137,7 +137,7 @@ func TestProvidersHelpExampleWorksAsPasted(t *testing.T) {
 		t.Fatalf("no example in:\n%s", help)
 	}
 	r := runBinary(t, "sh", env, "", nil, "-euc", example)
-	if r.code != 0 || !strings.Contains(r.stdout, "demo  client native (public client), token http://127.0.0.1:9998/oauth/token, login: browser+device, revocation") {
+	if r.code != 0 || !strings.Contains(r.stdout, "demo  client credproxy-cli (public client), token http://127.0.0.1:9998/oauth/token, login: browser+device, revocation") {
 		t.Fatalf("the example: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
 	}
 }

@@ -22,7 +22,7 @@ It prints no secret.
 ` + providersHelp
 
 const providersExample = `  mkdir -p -m 700 ~/.config/credproxy   # the store's directory too: only you may read it
-  echo '{"providers": {"demo": {"client_id": "native",
+  echo '{"providers": {"demo": {"client_id": "credproxy-cli",
     "auth_url": "http://127.0.0.1:9998/auth", "token_url": "http://127.0.0.1:9998/oauth/token",
     "device_auth_url": "http://127.0.0.1:9998/device_authorization",
     "revocation_url": "http://127.0.0.1:9998/revoke", "scopes": ["openid", "offline_access"]}}}' \
