@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -135,4 +136,62 @@ func TestRunKeepsTheSandboxWorkingPastItsFirstTokensExpiry(t *testing.T) {
 	if _, err := refresh(t.Context(), p, now.RefreshToken); err != nil {
 		t.Errorf("the refresh token the host saved does not refresh: %v", err)
 	}
+}
+
+// serve refreshes on the host as run does: a client outside any sandbox,
+// holding the session's socket and capability token as a launcher hands
+// them over (descriptor 3), reads the token, waits past its expiry, and
+// reads a new, valid one; serve then stops on SIGTERM with exit 0.
+func TestServeRefreshesOnTheHostToo(t *testing.T) {
+	p := startProvider(t, oidcprovider.Options{AccessTokenLifetime: 3 * time.Second})
+	h := newHost(t, publicEntry(p))
+	loginDemo(t, h)
+	first := h.token("demo")
+
+	srv := h.start(credproxyBin, nil, "", "serve", "-allow-provider", "demo")
+	srv.await(`session started`)
+	var socket, capability string
+	for _, line := range strings.Split(srv.out(), "\n") {
+		if v, ok := strings.CutPrefix(line, socketEnv+"="); ok {
+			socket = v
+		}
+		if v, ok := strings.CutPrefix(line, "LLXPRT_CAPABILITY_TOKEN="); ok {
+			capability = v
+		}
+	}
+	if socket == "" || capability == "" {
+		t.Fatalf("serve printed %q", srv.out())
+	}
+	get := func() storedToken {
+		t.Helper()
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.WriteString(capability + "\n")
+		w.Close()
+		defer r.Close()
+		cmd := exec.Command(credproxyBin, "token", "get", "demo")
+		cmd.Env = append(h.env, socketEnv+"="+socket, "LLXPRT_CAPABILITY_FD=3")
+		cmd.ExtraFiles = []*os.File{r}
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("token get through serve: %v", err)
+		}
+		var tok storedToken
+		if err := json.Unmarshal(out, &tok); err != nil || tok.RefreshToken != "" {
+			t.Fatalf("token get through serve printed %q (%v)", out, err)
+		}
+		return tok
+	}
+	get()
+	for time.Now().Unix() <= first.Expiry { // a bounded wait: 3 s tokens
+		time.Sleep(100 * time.Millisecond)
+	}
+	second := get()
+	if second.AccessToken == first.AccessToken || second.Expiry < time.Now().Unix() || !userinfoAccepts(t, p, second.AccessToken) {
+		t.Fatalf("past the first token's expiry serve gave %+v, want a new, valid token", second)
+	}
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	srv.wait().want(t, 0, "token refreshed")
 }
