@@ -3,18 +3,22 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/credproxy/credproxy"
 )
 
 // onePrefix fails the test unless every line of stderr that carries the
-// credproxy: prefix carries it once.
+// credproxy: prefix carries it once; a path ending in /credproxy: (the
+// store's directory) is not a prefix.
 func onePrefix(t *testing.T, stderr string) {
 	t.Helper()
 	for line := range strings.Lines(stderr) {
-		if strings.Count(line, "credproxy:") > 1 {
+		if strings.Count(line, "credproxy:")-strings.Count(line, "/credproxy:") > 1 {
 			t.Errorf("two prefixes in %q", line)
 		}
 	}
@@ -186,4 +190,29 @@ func TestTokenSetConvertsAnAgentCLIFile(t *testing.T) {
 	}
 	r = credproxyCmd(t, env, "", "token", "get", "anthropic", "-with-refresh-token")
 	r.want(t, 0, `{"access_token":"fake-at-CLAUDE","refresh_token":"fake-rt-CLAUDE","expiry":1893456000,"subscriptionType":"max"}`+"\n")
+}
+
+// Taking the library's prefixes out of an error leaves the paths in it
+// whole: the store's default directory ends in credproxy, and a wrong
+// password named ~/.config/ instead of ~/.config/credproxy.
+func TestErrorsKeepPathsThatEndInCredproxy(t *testing.T) {
+	env := hostEnv(t)
+	credproxyCmd(t, env, tokenJSON, "token", "set", "anthropic").want(t, 0, "")
+	dir := filepath.Join(envValue(env, "XDG_CONFIG_HOME"), "credproxy")
+	wrong := append(env, credproxy.KeyringPasswordEnv+"=not-the-password")
+	r := credproxyCmd(t, wrong, "", "token", "ls")
+	onePrefix(t, r.stderr)
+	if r.code != 1 || !strings.Contains(r.stderr, dir+": ") {
+		t.Errorf("token ls with a wrong password: exit %d, stderr %q; want the store's directory %s named whole", r.code, r.stderr, dir)
+	}
+	for _, tc := range []struct{ in, want string }{
+		{"credproxy: a: credproxy: b", "a: b"},
+		{"the store in /x/credproxy: it was created", "the store in /x/credproxy: it was created"},
+		{"credproxy: open /home/u/.config/credproxy: permission denied", "open /home/u/.config/credproxy: permission denied"},
+		{"x; credproxy: y", "x; y"},
+	} {
+		if got := message(errors.New(tc.in)); got != tc.want {
+			t.Errorf("message(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
 }

@@ -181,9 +181,23 @@ func reportStart(err error, std stdio) int {
 
 // message is err's text without the credproxy: prefixes that the
 // library's errors carry (embedders print them as they are), so that the
-// one the command adds is the only one.
+// one the command adds is the only one. A prefix starts the text or
+// follows ": " or "; ", where wrapping puts it; anywhere else
+// "credproxy: " ends a path, such as the store's ~/.config/credproxy, and
+// stays.
 func message(err error) string {
-	return strings.ReplaceAll(err.Error(), "credproxy: ", "")
+	const prefix = "credproxy: "
+	text := err.Error()
+	var b strings.Builder
+	for i := 0; i < len(text); {
+		if strings.HasPrefix(text[i:], prefix) && (i == 0 || strings.HasSuffix(text[:i], ": ") || strings.HasSuffix(text[:i], "; ")) {
+			i += len(prefix)
+			continue
+		}
+		b.WriteByte(text[i])
+		i++
+	}
+	return b.String()
 }
 
 type usageErr struct{ msg string }

@@ -235,13 +235,13 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	inheritNothing()
 	sess, stop, err := p.start(ctx, std)
 	if err != nil {
-		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", strings.TrimPrefix(err.Error(), "credproxy: "))
+		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", message(err))
 		return exitNoProxy
 	}
 	handoff, err := sess.HandoffFile()
 	if err != nil {
 		stop()
-		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", strings.TrimPrefix(err.Error(), "credproxy: "))
+		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", message(err))
 		return exitNoProxy
 	}
 
