@@ -2,9 +2,11 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -240,14 +242,20 @@ func (r result) want(t *testing.T, code int, texts ...string) {
 	}
 }
 
-// refused reports whether a TCP connection to addr is refused.
+// refused reports whether login's redirect listener at addr is gone: a
+// connection is refused, or, since other tests running meanwhile may be
+// given the freed port, it reaches something that is not a credproxy
+// login's page.
 func refused(addr string) bool {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err == nil {
-		c.Close()
-		return false
+	if err != nil {
+		return true
 	}
-	return true
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "GET /callback?state=probe HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", addr)
+	page, _ := io.ReadAll(io.LimitReader(c, 1<<16))
+	return !bytes.Contains(page, []byte("<title>credproxy login</title>"))
 }
 
 // closedPort returns a loopback address nothing listens on.
