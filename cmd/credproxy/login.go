@@ -139,11 +139,7 @@ func loadProvider(file string, names []string) (*provider, string, error) {
 	if !providerName.MatchString(bucket) {
 		return nil, "", fmt.Errorf("bucket %q: a bucket name must match ^[A-Za-z0-9._@-]{1,64}$", bucket)
 	}
-	path, err := providersPath(file)
-	if err != nil {
-		return nil, "", err
-	}
-	ps, err := loadProviders(path, file != "")
+	ps, err := openProviders(file)
 	if err != nil {
 		return nil, "", err
 	}

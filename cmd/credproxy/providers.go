@@ -76,32 +76,51 @@ secret and "params" without. Every URL is https, or http on a loopback
 address.`
 
 // providersPath is the providers file the commands read: flag if set, else
-// CREDPROXY_PROVIDERS, else providers.json in the config directory.
-func providersPath(flag string) (string, error) {
+// CREDPROXY_PROVIDERS, else providers.json in the config directory. named
+// says it was named (flag or variable), and so must exist.
+func providersPath(flag string) (path string, named bool, err error) {
 	if flag != "" {
-		return flag, nil
+		return flag, true, nil
 	}
 	if p := os.Getenv(providersEnv); p != "" {
-		return p, nil
+		return p, true, nil
 	}
 	dir, err := credproxy.DefaultKeyringDir()
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
-	return filepath.Join(dir, "providers.json"), nil
+	return filepath.Join(dir, "providers.json"), false, nil
+}
+
+// openProviders reads the providers file that flag, CREDPROXY_PROVIDERS or
+// the default names.
+func openProviders(flag string) (providers, error) {
+	path, named, err := providersPath(flag)
+	if err != nil {
+		return providers{}, err
+	}
+	return loadProviders(path, named)
 }
 
 // loadProviders reads the providers file at path. A file that is not
 // there is an empty one, unless it was named (required): run and serve
-// work without providers, but a file named by a flag must exist.
+// work without providers, but a file named by -providers or
+// CREDPROXY_PROVIDERS must exist, so that a misspelt name is not taken
+// for "no providers".
 func loadProviders(path string, required bool) (providers, error) {
 	p := providers{path: path}
 	data, err := readConfig(path)
 	if errors.Is(err, fs.ErrNotExist) && !required {
 		return p, nil
 	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return p, fmt.Errorf("no providers file %s (named by -providers or %s)", path, providersEnv)
+	}
 	if err != nil {
 		return p, err
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return p, fmt.Errorf("the providers file %s is empty; 'credproxy providers -help' shows what goes in it", path)
 	}
 	var file struct {
 		Providers map[string]*provider `json:"providers"`

@@ -65,8 +65,8 @@ func TestMissingProvidersFileIsEmptyUnlessNamed(t *testing.T) {
 	if err != nil || len(p.byName) != 0 {
 		t.Fatalf("default file missing: %v, %v providers", err, len(p.byName))
 	}
-	if _, err := loadProviders(path, true); !os.IsNotExist(err) {
-		t.Fatalf("named file missing: %v, want not-exist", err)
+	if _, err := loadProviders(path, true); err == nil || !strings.Contains(err.Error(), "no providers file "+path) {
+		t.Fatalf("named file missing: %v, want it named", err)
 	}
 }
 
@@ -139,5 +139,23 @@ func TestProvidersHelpExampleWorksAsPasted(t *testing.T) {
 	r := runBinary(t, "sh", env, "", nil, "-euc", example)
 	if r.code != 0 || !strings.Contains(r.stdout, "demo  client credproxy-cli (public client), token http://127.0.0.1:9998/oauth/token, login: browser+device, revocation") {
 		t.Fatalf("the example: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+}
+
+// A providers file named by CREDPROXY_PROVIDERS (or -providers) must be
+// there, so that a misspelt name is not taken for "no providers", and an
+// empty one (a provider that failed to start after the shell truncated
+// the file it prints to) says it is empty rather than "EOF".
+func TestNamedProvidersFileMustExistAndNotBeEmpty(t *testing.T) {
+	env := hostEnv(t)
+	missing := filepath.Join(t.TempDir(), "provders.json")
+	r := credproxyCmd(t, append(env, providersEnv+"="+missing), "", "providers")
+	if r.code != 1 || !strings.Contains(r.stderr, "no providers file "+missing) {
+		t.Errorf("providers with a misspelt CREDPROXY_PROVIDERS: exit %d, stderr %q", r.code, r.stderr)
+	}
+	empty := writeProviders(t, 0o600, "")
+	r = credproxyCmd(t, append(env, providersEnv+"="+empty), "", "login", "demo")
+	if r.code != 1 || !strings.Contains(r.stderr, "the providers file "+empty+" is empty") {
+		t.Errorf("login with an empty providers file: exit %d, stderr %q", r.code, r.stderr)
 	}
 }

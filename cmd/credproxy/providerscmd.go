@@ -41,19 +41,15 @@ func providersCommand(ctx context.Context, args []string, std stdio) error {
 	if fs.NArg() > 0 {
 		return usageError("providers takes no arguments; 'credproxy token ls PROVIDER' lists one provider's tokens")
 	}
-	path, err := providersPath(*file)
-	if err != nil {
-		return err
-	}
-	provs, err := loadProviders(path, *file != "")
+	provs, err := openProviders(*file)
 	if err != nil {
 		return err
 	}
 	w := tabwriter.NewWriter(std.out, 0, 4, 2, ' ', 0)
 	if len(provs.byName) == 0 {
-		fmt.Fprintf(w, "no providers configured in %s; 'credproxy providers -help' shows how\n", path)
+		fmt.Fprintf(w, "no providers configured in %s; 'credproxy providers -help' shows how\n", provs.path)
 	} else {
-		fmt.Fprintf(w, "providers in %s:\n", path)
+		fmt.Fprintf(w, "providers in %s:\n", provs.path)
 		for _, name := range provs.names() {
 			fmt.Fprintf(w, "  %s\t%s\n", name, provs.byName[name].describe())
 		}

@@ -100,11 +100,7 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 // through here, so that the server is made one way. The caller closes the
 // store once the server is shut down: [shutdown] does both.
 func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.Policy) (*credproxy.Server, credproxy.StoreCloser, error) {
-	path, err := providersPath(p.providers)
-	if err != nil {
-		return nil, nil, err
-	}
-	provs, err := loadProviders(path, p.providers != "")
+	provs, err := openProviders(p.providers)
 	if err != nil {
 		return nil, nil, err
 	}
