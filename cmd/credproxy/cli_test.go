@@ -87,14 +87,14 @@ func TestUnknownSubcommandIsNamedFirst(t *testing.T) {
 // work.
 func TestHelpAskedForGoesToStdout(t *testing.T) {
 	for _, args := range [][]string{{"-help"}, {"--help"}, {"-h"}, {"help"}, {"token", "-help"}, {"token", "set", "-help"},
-		{"token", "get", "-h"}, {"key", "--help"}, {"key", "ls", "-help"}, {"run", "-help"}, {"serve", "-help"}, {"version", "-help"}} {
+		{"token", "get", "-h"}, {"key", "--help"}, {"key", "ls", "-help"}, {"run", "-help"}, {"serve", "-help"}, {"version", "-help"}, {"help", "providers"}, {"help", "login"}} {
 		r := credproxyCmd(t, hostEnv(t), "", args...)
 		if r.code != 0 || !strings.Contains(r.stdout, "Usage:") || r.stderr != "" {
 			t.Errorf("credproxy %v: exit %d, stdout %q, stderr %q; want exit 0, the help on stdout", args, r.code, r.stdout, r.stderr)
 		}
 	}
 	for _, args := range [][]string{{}, {"bogus"}, {"token"}, {"token", "-bogus"}, {"token", "get"}, {"key", "set", "-raw"},
-		{"serve", "-bogus"}, {"version", "x"}} {
+		{"serve", "-bogus"}, {"version", "x"}, {"help", "nosuch"}} {
 		r := credproxyCmd(t, hostEnv(t), "", args...)
 		if r.code != 2 || r.stdout != "" || !strings.HasPrefix(r.stderr, "credproxy") {
 			t.Errorf("credproxy %v: exit %d, stdout %q, stderr %q; want exit 2, an error on stderr", args, r.code, r.stdout, r.stderr)

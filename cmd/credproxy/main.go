@@ -37,7 +37,7 @@ const usage = `credproxy hands credentials to a sandboxed program, without the r
 
 Usage:
   credproxy run [flags] -- CMD [ARGS...]   run CMD with a credential proxy session beside it
-  credproxy serve [flags]                  serve one session until SIGINT or SIGTERM
+  credproxy serve [flags]                  serve one session until SIGINT, SIGTERM or SIGHUP
   credproxy token get|set|rm|ls [ARGS]     manage OAuth tokens
   credproxy key get|set|rm|ls [ARGS]       manage API keys
   credproxy login PROVIDER [BUCKET]        log in to a provider on the host, store the token
@@ -105,8 +105,11 @@ func mainWith(args []string, std stdio) int {
 	case "version", "-version", "--version":
 		err = versionCommand(args, std)
 	case "help", "-h", "-help", "--help":
-		if len(args) > 0 && slices.Contains([]string{"run", "serve", "token", "key", "login", "logout", "providers", "version"}, args[0]) {
+		switch {
+		case len(args) > 0 && slices.Contains([]string{"run", "serve", "token", "key", "login", "logout", "providers", "version"}, args[0]):
 			return mainWith([]string{args[0], "-help"}, std)
+		case len(args) > 0:
+			return report(usageError("no command %q; run 'credproxy help'", args[0]), std)
 		}
 		fmt.Fprint(std.out, usage)
 		return 0

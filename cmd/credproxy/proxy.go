@@ -208,7 +208,7 @@ const runExample = `  # A bubblewrap sandbox that sees the session's socket and 
       -- /credproxy token get anthropic
   # Podman: pass descriptor 3 and the two variables on, mount the directory read-only:
   credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
-    podman run --rm --preserve-fds 1 --env LLXPRT_CREDENTIAL_SOCKET --env LLXPRT_CAPABILITY_FD \
+    podman run --rm --network none --preserve-fds 1 --env LLXPRT_CREDENTIAL_SOCKET --env LLXPRT_CAPABILITY_FD \
       -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE /credproxy token get anthropic`
 
 func runCommand(ctx context.Context, args []string, std stdio) int {

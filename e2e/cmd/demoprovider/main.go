@@ -62,6 +62,9 @@ func run(args []string) int {
 		err = withTimeout(func(ctx context.Context) error {
 			return oidcprovider.ApproveDevice(ctx, args[1], args[2], oidcprovider.DemoUser, oidcprovider.DemoPassword)
 		})
+		if err == nil {
+			fmt.Fprintf(os.Stderr, "demoprovider: approved code %s as %s\n", args[2], oidcprovider.DemoUser)
+		}
 	default:
 		fs := flag.NewFlagSet("demoprovider", flag.ContinueOnError)
 		fs.Usage = func() { fmt.Fprint(os.Stderr, usage) }
