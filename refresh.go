@@ -76,7 +76,11 @@ type coordinator struct {
 	mu       sync.Mutex
 	flights  map[string]*flight
 	lastDone map[string]time.Time // key → end of its last successful provider refresh
-	failed   map[string]failures  // key → its failures since the last success
+	// lastLife holds, per key, the start and expiry of the token that
+	// refresh produced (or that was found refreshed elsewhere); a zero
+	// expiry: none or unknown.
+	lastLife map[string]life
+	failed   map[string]failures // key → its failures since the last success
 	// peerSaved holds, per key, a digest of the access token a peer last
 	// saved with save_token. Such a token is not a refresh done elsewhere:
 	// taking it for one would let a sandbox with a write grant hold the
@@ -134,6 +138,7 @@ func newCoordinator(srv *Server, refreshers map[string]Refresher) *coordinator {
 		refreshers: m,
 		flights:    make(map[string]*flight),
 		lastDone:   make(map[string]time.Time),
+		lastLife:   make(map[string]life),
 		failed:     make(map[string]failures),
 		peerSaved:  make(map[string]uint64),
 		renewals:   make(map[string]*renewal),
@@ -169,7 +174,7 @@ func (co *coordinator) refresh(ctx context.Context, provider, bucket string, w w
 			return Token{}, err
 		}
 		if validFor(stored, time.Now()) > 0 && co.refreshedElsewhere(key, stored) {
-			co.observedRefresh(key)
+			co.observedRefresh(key, stored)
 			return stored, nil
 		}
 		w.seen = stored
@@ -188,14 +193,26 @@ func (co *coordinator) refresh(ctx context.Context, provider, bucket string, w w
 		if validFor(stored, time.Now()) > 0 && !w.renewal {
 			return stored, nil
 		}
-		if w.session != nil {
-			return Token{}, &retryLater{after: refreshCooldown - since}
+		hold := refreshCooldown - since
+		if w.session == nil {
+			// The host's own refreshes, get_token's for an expired token
+			// and renewal, go on within the cooldown once the token the
+			// last refresh produced is halfway through its life: it
+			// lives less than the cooldown, and waiting it out would
+			// leave the sandbox with none. The provider chose that
+			// lifetime; a token a peer saved, with whatever expiry,
+			// does not count, so a sandbox cannot drive refreshes
+			// faster than two per provider token.
+			co.mu.Lock()
+			halfway, ok := co.lastLife[key].halfway()
+			co.mu.Unlock()
+			if ok {
+				hold = min(hold, time.Until(halfway))
+			}
 		}
-		// The host's own refreshes, get_token's for an expired token
-		// and the renewal of one that expires within the cooldown, go
-		// on: the token lived less than the cooldown, and waiting it out
-		// would leave the sandbox with none. They stay one per token
-		// lifetime (half of it for renewals), which the provider chose.
+		if hold > 0 {
+			return Token{}, &retryLater{after: hold}
+		}
 		co.mu.Lock()
 		f = co.flights[key]
 	}
@@ -252,12 +269,30 @@ func (co *coordinator) refreshedElsewhere(key string, stored Token) bool {
 // lately (another process, or the host's user): the cooldown starts, as
 // after a refresh of our own, so that sandboxes catching up with the new
 // token do not each ask the provider for another.
-func (co *coordinator) observedRefresh(key string) {
+func (co *coordinator) observedRefresh(key string, tok Token) {
 	co.mu.Lock()
 	defer co.mu.Unlock()
 	if now := time.Now(); now.After(co.lastDone[key]) {
 		co.lastDone[key] = now
+		co.lastLife[key] = lifeOf(tok, now)
 	}
+}
+
+// life is a refreshed token's lifetime: from when it was seen to its
+// expiry.
+type life struct{ from, exp time.Time }
+
+func lifeOf(tok Token, from time.Time) life {
+	exp, _ := tok.Expiry()
+	return life{from, exp}
+}
+
+// halfway returns the middle of the lifetime, if the token had an expiry.
+func (l life) halfway() (time.Time, bool) {
+	if l.exp.IsZero() || !l.exp.After(l.from) {
+		return time.Time{}, false
+	}
+	return l.from.Add(l.exp.Sub(l.from) / 2), true
 }
 
 // beforeServe refreshes stored, which get_token is about to serve and
@@ -284,11 +319,13 @@ func (co *coordinator) fly(f *flight, r Refresher, provider, bucket string, w wa
 	switch {
 	case err == nil && called:
 		co.lastDone[key] = now
+		co.lastLife[key] = lifeOf(tok, now)
 		delete(co.failed, key)
 	case err == nil:
 		// Found refreshed by someone else: a refresh just happened, but
 		// the provider's answer to us is still unknown.
 		co.lastDone[key] = now
+		co.lastLife[key] = lifeOf(tok, now)
 	case err != nil && co.backsOff(err):
 		fl := co.failed[key]
 		fl.n++

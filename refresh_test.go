@@ -868,3 +868,30 @@ func TestRenewalOfAShortLivedTokenIsNotHeldByTheCooldown(t *testing.T) {
 		h.srv.Close()
 	})
 }
+
+// A sandbox with write access must not be able to make the host call the
+// provider more than once per cooldown by saving an already-expired access
+// token (save_token keeps the stored refresh token) and then asking for it:
+// the host's own get_token refresh of an expired token bypasses the
+// cooldown, and the token it "sees" expired is the peer's, not a token the
+// provider chose the lifetime of.
+func TestSaveTokenOfAnExpiredTokenDoesNotBypassTheCooldown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRefreshHarness(t, time.Hour, expiringToken(t, -time.Second), Options{DisableRenewal: true})
+		ctx := context.Background()
+		start := time.Now()
+		for i := 0; i < 50; i++ {
+			expired := mustToken(t, fmt.Sprintf(`{"access_token":"peer-%d","expiry":%d}`, i, time.Now().Add(-time.Hour).Unix()))
+			if err := h.client.SaveToken(ctx, "anthropic", "", expired); err != nil {
+				t.Fatal(err)
+			}
+			h.client.GetToken(ctx, "anthropic", "")
+			time.Sleep(100 * time.Millisecond)
+		}
+		// At most one provider call per cooldown (plus the first).
+		elapsed := time.Since(start)
+		if n, most := h.endpoint.callCount(), 1+int(elapsed/refreshCooldown); n > most {
+			t.Errorf("provider calls in %v driven by a sandbox = %d, want at most %d (cooldown %v)", elapsed, n, most, refreshCooldown)
+		}
+	})
+}
