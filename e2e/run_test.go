@@ -150,6 +150,11 @@ func TestServeRefreshesOnTheHostToo(t *testing.T) {
 
 	srv := h.start(credproxyBin, nil, "", "serve", "-allow-provider", "demo")
 	srv.await(`session started`)
+	// serve prints the two lines once the session has started: wait for
+	// the second (a bounded poll of its stdout file).
+	for i := 0; i < 200 && strings.Count(srv.out(), "\n") < 2; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
 	var socket, capability string
 	for _, line := range strings.Split(srv.out(), "\n") {
 		if v, ok := strings.CutPrefix(line, socketEnv+"="); ok {
