@@ -38,12 +38,22 @@ type OAuth2Refresher struct {
 	// oauth2.AuthStyleInParams (client_id in the form) when there is none.
 	AuthStyle oauth2.AuthStyle
 
-	// HTTPClient makes the requests; nil means http.DefaultClient. Each
-	// attempt is bounded by the context the server passes, 30 s.
+	// HTTPClient makes the requests; nil means one like
+	// http.DefaultClient that follows no redirect (a 3xx answer is a
+	// failed refresh): a redirect would re-post the refresh token, and
+	// the client secret, to whatever host it names. A client given here
+	// should refuse redirects too. Each attempt is bounded by the context
+	// the server passes, 30 s.
 	HTTPClient *http.Client
 }
 
 var _ Refresher = (*OAuth2Refresher)(nil)
+
+// noRedirectClient is http.DefaultClient that returns a redirect as the
+// answer instead of following it.
+var noRedirectClient = &http.Client{
+	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+}
 
 // String describes the refresher by token endpoint and client id. It and
 // Format keep fmt, with any verb, from printing the client secret.
@@ -77,9 +87,11 @@ func (o *OAuth2Refresher) Refresh(ctx context.Context, token Token) (Token, erro
 		ClientSecret: string(o.ClientSecret),
 		Endpoint:     oauth2.Endpoint{TokenURL: o.TokenURL, AuthStyle: style},
 	}
-	if o.HTTPClient != nil {
-		ctx = context.WithValue(ctx, oauth2.HTTPClient, o.HTTPClient)
+	client := o.HTTPClient
+	if client == nil {
+		client = noRedirectClient
 	}
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, client)
 	// With no access token in it, the source refreshes at once, once.
 	got, err := cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: string(token.RefreshToken())}).Token()
 	if err != nil {

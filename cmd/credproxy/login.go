@@ -48,6 +48,7 @@ const loginExample = `  # A providers file for a public client (most CLIs) of an
   # To try it with no account anywhere: README.md, "Logging in", runs a provider on this machine.`
 
 func loginCommand(ctx context.Context, args []string, std stdio) error {
+	ctx = withProviderClient(ctx)
 	fs := newFlags("login", loginSynopsis+providersHelp, loginExample, std)
 	device := fs.Bool("device", false, "use the device flow: a code to enter in a browser on any device")
 	timeout := fs.Duration("timeout", 5*time.Minute, "give up if the login is not done within this `duration`")

@@ -15,6 +15,19 @@ import (
 	"golang.org/x/oauth2"
 )
 
+// providerClient makes login's and logout's requests to providers: it
+// follows no redirect, which would re-post a code, a token or the client
+// secret to whatever host it names, past the providers file's https-only
+// rule, and returns the 3xx answer instead, which fails the request.
+var providerClient = &http.Client{
+	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+}
+
+// withProviderClient is ctx with providerClient for golang.org/x/oauth2.
+func withProviderClient(ctx context.Context) context.Context {
+	return context.WithValue(ctx, oauth2.HTTPClient, providerClient)
+}
+
 // revokeTimeout bounds each revocation request.
 const revokeTimeout = 30 * time.Second
 
@@ -75,7 +88,7 @@ func revokeOne(ctx context.Context, pv *provider, secret, token credproxy.Secret
 	if header {
 		req.SetBasicAuth(url.QueryEscape(pv.ClientID), url.QueryEscape(string(secret)))
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := providerClient.Do(req)
 	if err != nil {
 		return credproxy.RedactOAuth2Error(err, pv.ClientID, secret, secrets...)
 	}
