@@ -18,6 +18,9 @@ const GrantAll = "*"
 //   - Buckets lists the buckets of those providers it may use. Empty
 //     means [DefaultBucket] only, the bucket of a request that names none.
 //   - Keys lists the API keys it may read. Empty means none.
+//   - ExceptKeys lists API keys it may never read, not even through
+//     [GrantAll]: keys that hold the host's own secrets, such as an OAuth
+//     client secret. Naming one in Keys as well is an error.
 //
 // [GrantAll] ("*") in a list grants every name of that kind, and is the
 // only way to: an empty list never means "all".
@@ -32,10 +35,11 @@ const GrantAll = "*"
 // The zero Grant grants nothing. A Grant is safe for concurrent use as
 // long as nobody modifies it while a server uses it.
 type Grant struct {
-	Providers []string
-	Buckets   []string
-	Keys      []string
-	Write     bool
+	Providers  []string
+	Buckets    []string
+	Keys       []string
+	ExceptKeys []string
+	Write      bool
 }
 
 // ErrReadOnly is the denial of save_token and remove_token by a read-only
@@ -58,7 +62,7 @@ func (g *Grant) Authorize(_ context.Context, req *Request) error {
 		return ErrProviderDenied
 	case req.Bucket != "" && !g.grantsBucket(req.Bucket):
 		return ErrBucketDenied
-	case req.Key != "" && !granted(g.Keys, req.Key):
+	case req.Key != "" && (!granted(g.Keys, req.Key) || slices.Contains(g.ExceptKeys, req.Key)):
 		return ErrKeyDenied
 	}
 	return nil
@@ -86,8 +90,12 @@ func (g *Grant) String() string {
 	if len(buckets) == 0 {
 		buckets = []string{DefaultBucket}
 	}
+	keys := listOrNone(g.Keys)
+	if keys != "none" && len(g.ExceptKeys) > 0 {
+		keys += " but " + strings.Join(g.ExceptKeys, ", ")
+	}
 	return mode + "; providers: " + listOrNone(g.Providers) + "; buckets: " + listOrNone(buckets) +
-		"; API keys: " + listOrNone(g.Keys)
+		"; API keys: " + keys
 }
 
 func listOrNone(names []string) string {
@@ -106,11 +114,19 @@ func (g *Grant) check() error {
 	for _, list := range []struct {
 		field string
 		names []string
-	}{{"Providers", g.Providers}, {"Buckets", g.Buckets}, {"Keys", g.Keys}} {
+	}{{"Providers", g.Providers}, {"Buckets", g.Buckets}, {"Keys", g.Keys}, {"ExceptKeys", g.ExceptKeys}} {
 		for _, n := range list.names {
 			if n != GrantAll && !validName(n) {
 				return errorf("Grant.%s: %q is not a name (1 to 64 characters from A-Z a-z 0-9 . _ @ -) nor %q", list.field, n, GrantAll)
 			}
+		}
+	}
+	for _, n := range g.ExceptKeys {
+		if n == GrantAll {
+			return errorf("Grant.ExceptKeys: %q excepts every key; leave Keys empty instead", n)
+		}
+		if slices.Contains(g.Keys, n) {
+			return errorf("Grant: API key %q is both in Keys and in ExceptKeys", n)
 		}
 	}
 	return nil

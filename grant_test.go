@@ -39,6 +39,10 @@ func TestGrant(t *testing.T) {
 		{"named buckets only", &Grant{Providers: []string{"gemini"}, Buckets: []string{"work"}}, Request{Op: OpGetToken, Provider: "gemini", Bucket: "default"}, ErrBucketDenied},
 		{"all keys", &Grant{Keys: []string{GrantAll}}, Request{Op: OpGetAPIKey, Key: "zeta"}, nil},
 		{"a key is not a provider", &Grant{Keys: []string{"openai"}}, Request{Op: OpGetToken, Provider: "openai", Bucket: "default"}, ErrProviderDenied},
+		{"an excepted key, all keys granted", &Grant{Keys: []string{GrantAll}, ExceptKeys: []string{"client-secret"}}, Request{Op: OpGetAPIKey, Key: "client-secret"}, ErrKeyDenied},
+		{"an excepted key, has_api_key", &Grant{Keys: []string{GrantAll}, ExceptKeys: []string{"client-secret"}}, Request{Op: OpHasAPIKey, Key: "client-secret"}, ErrKeyDenied},
+		{"an excepted key, listing", &Grant{Keys: []string{GrantAll}, ExceptKeys: []string{"client-secret"}}, Request{Op: OpListAPIKeys, Key: "client-secret"}, ErrKeyDenied},
+		{"other keys, all keys granted", &Grant{Keys: []string{GrantAll}, ExceptKeys: []string{"client-secret"}}, Request{Op: OpGetAPIKey, Key: "openai"}, nil},
 	} {
 		if got := tc.grant.Authorize(t.Context(), &tc.req); got != tc.want {
 			t.Errorf("%s: Authorize(%+v) = %v, want %v", tc.name, tc.req, got, tc.want)
@@ -55,6 +59,7 @@ func TestGrantStringIsOneLine(t *testing.T) {
 		{}: "read-only; providers: none; buckets: default; API keys: none",
 		{Providers: []string{"anthropic", "gemini"}, Keys: []string{"openai"}}:                              "read-only; providers: anthropic, gemini; buckets: default; API keys: openai",
 		{Providers: []string{GrantAll}, Buckets: []string{GrantAll}, Keys: []string{GrantAll}, Write: true}: "read-write; providers: all; buckets: all; API keys: all",
+		{Keys: []string{GrantAll}, ExceptKeys: []string{"gh-client-secret"}}:                                "read-only; providers: none; buckets: default; API keys: all but gh-client-secret",
 	} {
 		if got := g.String(); got != want || strings.Contains(got, "\n") {
 			t.Errorf("String() = %q, want %q", got, want)
@@ -69,6 +74,10 @@ func TestNewServerRefusesAGrantNamingNoPossibleName(t *testing.T) {
 	_, err := NewServer(Options{Store: NewMemoryStore(), Policy: &Grant{Keys: []string{"open ai"}}})
 	if err == nil || !strings.Contains(err.Error(), `Grant.Keys: "open ai" is not a name`) {
 		t.Errorf("NewServer with Grant.Keys \"open ai\": %v", err)
+	}
+	_, err = NewServer(Options{Store: NewMemoryStore(), Policy: &Grant{Keys: []string{"cs"}, ExceptKeys: []string{"cs"}}})
+	if err == nil || !strings.Contains(err.Error(), `API key "cs" is both in Keys and in ExceptKeys`) {
+		t.Errorf("NewServer with a key both granted and excepted: %v", err)
 	}
 	srv, err := NewServer(Options{Store: NewMemoryStore(), Policy: &Grant{Providers: []string{"anthropic"}}})
 	if err != nil {

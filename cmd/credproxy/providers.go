@@ -306,17 +306,22 @@ func (p providers) refreshers(ctx context.Context, st credproxy.Store) (map[stri
 	return out, nil
 }
 
-// secretKeysGranted names the client_secret_key keys that grant lets a
-// sandbox read, which it should not.
-func (p providers) secretKeysGranted(grant *credproxy.Grant) []string {
-	var out []string
+// exceptClientSecrets keeps the API keys that hold the providers' client
+// secrets from grant's sandbox, even under -allow-key '*' (see
+// credproxy.Grant.ExceptKeys), and refuses a grant that names one: a
+// client secret stays on the host, as refresh tokens do.
+func (p providers) exceptClientSecrets(grant *credproxy.Grant) error {
 	for _, name := range p.names() {
 		k := p.byName[name].ClientSecretKey
-		if k != "" && (slices.Contains(grant.Keys, k) || slices.Contains(grant.Keys, "*")) {
-			out = append(out, fmt.Sprintf("%s (provider %s)", k, name))
+		if k == "" || slices.Contains(grant.ExceptKeys, k) {
+			continue
 		}
+		if slices.Contains(grant.Keys, k) {
+			return usageError("-allow-key %s: that key holds provider %s's client secret, which stays on the host", k, name)
+		}
+		grant.ExceptKeys = append(grant.ExceptKeys, k)
 	}
-	return out
+	return nil
 }
 
 // describe is how a provider is listed: its endpoints and client, never

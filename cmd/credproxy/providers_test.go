@@ -103,10 +103,11 @@ func TestProvidersListsTokenStatesWithoutSecrets(t *testing.T) {
 
 // run refuses to start a proxy whose provider's client secret, named by
 // client_secret_key, is not in the store, and says how to put it there,
-// rather than start one whose refreshes are all going to fail; and it
-// warns when the grant lets the sandbox read a client secret.
-func TestRunChecksTheProvidersClientSecret(t *testing.T) {
-	env := hostEnv(t)
+// rather than start one whose refreshes are all going to fail. The key
+// that holds a client secret never reaches the sandbox: -allow-key '*'
+// grants every other key, and naming it is refused.
+func TestRunKeepsTheProvidersClientSecretOnTheHost(t *testing.T) {
+	env := append(hostEnv(t), "PATH="+filepath.Dir(binary)+":"+os.Getenv("PATH"))
 	file := writeProviders(t, 0o644, `{"providers":{"anthropic":{"client_id":"cli","client_secret_key":"anthropic-client",`+
 		`"token_url":"https://auth.example/token"}}}`)
 	env = append(env, providersEnv+"="+file)
@@ -116,12 +117,18 @@ func TestRunChecksTheProvidersClientSecret(t *testing.T) {
 		t.Fatalf("run with the client secret missing: exit %d, stderr %q", r.code, r.stderr)
 	}
 	credproxyCmd(t, env, fakeClientSecret, "key", "set", "anthropic-client").want(t, 0, "")
-	r = credproxyCmd(t, env, "", "run", "-allow-provider", "anthropic", "-allow-key", "*", "--", "true")
-	if r.code != 0 || !strings.Contains(r.stderr, "warning: the sandbox may read the client secret in anthropic-client (provider anthropic)") {
-		t.Fatalf("run granting the secret's key: exit %d, stderr %q", r.code, r.stderr)
+	credproxyCmd(t, env, fakeKey, "key", "set", "openai").want(t, 0, "")
+	r = credproxyCmd(t, env, "", "run", "-allow-provider", "anthropic", "-allow-key", "*", "--", "sh", "-c",
+		"credproxy key ls; credproxy key get -raw anthropic-client || echo refused")
+	if r.code != 0 || r.stdout != "openai\nrefused\n" || !strings.Contains(r.stderr, "API keys: all but anthropic-client") {
+		t.Fatalf("run -allow-key '*': exit %d, stdout %q, stderr %q; want openai listed and the client secret refused", r.code, r.stdout, r.stderr)
 	}
-	if strings.Contains(r.stderr, fakeClientSecret) {
-		t.Fatalf("run logged the client secret: %q", r.stderr)
+	if strings.Contains(r.stdout+r.stderr, fakeClientSecret) {
+		t.Fatalf("the client secret reached the sandbox or the log")
+	}
+	r = credproxyCmd(t, env, "", "run", "-allow-provider", "anthropic", "-allow-key", "anthropic-client", "--", "true")
+	if r.code != exitNoProxy || !strings.Contains(r.stderr, "that key holds provider anthropic's client secret, which stays on the host") {
+		t.Fatalf("run -allow-key anthropic-client: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
 

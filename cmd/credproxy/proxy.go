@@ -104,6 +104,9 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := provs.exceptClientSecrets(&p.grant); err != nil {
+		return nil, nil, err
+	}
 	store, err := p.openStore(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -112,9 +115,6 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 	if err != nil {
 		store.Close()
 		return nil, nil, err
-	}
-	if leaked := provs.secretKeysGranted(&p.grant); len(leaked) > 0 {
-		fmt.Fprintf(std.err, "credproxy: warning: the sandbox may read the client secret in %s\n", strings.Join(leaked, ", "))
 	}
 	srv, err := credproxy.NewServer(credproxy.Options{
 		Store:       store,
