@@ -276,3 +276,15 @@ func TestRedactOAuth2ErrorHidesTheRequestsSecrets(t *testing.T) {
 		t.Error("RedactOAuth2Error(nil) is not nil")
 	}
 }
+
+// A provider's error text reaches the host's terminal with no control
+// character in it: an escape sequence in a non-JSON error body could
+// retitle the window, clear the screen, or forge a line of credproxy's
+// own with a carriage return. Found by an attacking review.
+func TestRedactOAuth2ErrorLeavesNoControlCharacters(t *testing.T) {
+	body := "oauth2: cannot fetch token: 400 Bad Request\nResponse: \x1b]0;title\x07\x1b[2J\rcredproxy: stored p/default\u009b"
+	got := RedactOAuth2Error(errors.New(body), "cli", "").Error()
+	if i := strings.IndexFunc(got, func(r rune) bool { return r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) }); i >= 0 {
+		t.Errorf("RedactOAuth2Error kept control character %q at %d: %q", got[i], i, got)
+	}
+}

@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 )
@@ -114,6 +115,26 @@ func redactError(err error, tokens ...Token) error {
 // golang.org/x/oauth2 puts the response body on a line of its own, and a
 // host prints the error in a line of its log.
 func redactLine(err error, secrets ...string) error {
-	msg := strings.ReplaceAll(redactCut(err.Error(), secrets...), "\n", " ")
-	return &redactedError{msg: msg, cause: err}
+	return &redactedError{msg: oneLine(redactCut(err.Error(), secrets...)), cause: err}
+}
+
+// oneLine is s, which may quote a provider's response, fit for one line
+// of a terminal or log: a newline becomes a space, and every other control
+// character (C0, DEL, C1) its \x or \u escape, so that the response
+// cannot move the cursor, retitle the window or forge a line of ours.
+func oneLine(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == '\n':
+			b.WriteByte(' ')
+		case r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, "\\x%02x", r)
+		case r >= 0x80 && r < 0xa0:
+			fmt.Fprintf(&b, "\\u%04x", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }

@@ -7,12 +7,16 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/credproxy/credproxy"
 )
 
 // get requests u with c and returns the status and body.
@@ -172,6 +176,29 @@ func TestOpenBrowserThatCannotStartIsNotAnError(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "could not start a browser (/nonexistent/browser)") {
 		t.Errorf("stderr: %q", stderr.String())
+	}
+}
+
+// The browser gets neither the store's password nor a session's socket:
+// it is another program, not ours to trust with them. Found by an
+// attacking review, whose BROWSER script printed the password.
+func TestBrowserDoesNotInheritTheStorePassword(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "env")
+	t.Setenv(credproxy.KeyringPasswordEnv, fakePassword)
+	t.Setenv("BROWSER", "sh -c env>"+out)
+	if !openBrowser("http://127.0.0.1/", stdio{err: io.Discard}) {
+		t.Fatal("the browser did not start")
+	}
+	var env []byte
+	for i := 0; i < 500 && len(env) == 0; i++ { // a bounded wait for the browser to write
+		time.Sleep(10 * time.Millisecond)
+		env, _ = os.ReadFile(out)
+	}
+	if len(env) == 0 {
+		t.Fatal("the browser wrote no environment")
+	}
+	if strings.Contains(string(env), fakePassword) || strings.Contains(string(env), credproxy.KeyringPasswordEnv) {
+		t.Errorf("the browser's environment holds the store's password")
 	}
 }
 

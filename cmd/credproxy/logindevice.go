@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
+	"unicode"
 
 	"github.com/credproxy/credproxy"
 	"golang.org/x/oauth2"
@@ -26,9 +29,9 @@ func (f *loginFlow) device(ctx context.Context) (*oauth2.Token, error) {
 	if err != nil {
 		return nil, f.providerError("asking for a device code", err)
 	}
-	fmt.Fprintf(f.std.err, "credproxy: to log in to %s, open\n\n  %s\n\non any device and enter the code\n\n  %s\n\n", f.pv.name, da.VerificationURI, da.UserCode)
+	fmt.Fprintf(f.std.err, "credproxy: to log in to %s, open\n\n  %s\n\non any device and enter the code\n\n  %s\n\n", f.pv.name, printable(da.VerificationURI), printable(da.UserCode))
 	if da.VerificationURIComplete != "" {
-		fmt.Fprintf(f.std.err, "credproxy: or open %s, which carries the code\n", da.VerificationURIComplete)
+		fmt.Fprintf(f.std.err, "credproxy: or open %s, which carries the code\n", printable(da.VerificationURIComplete))
 	}
 	fmt.Fprintf(f.std.err, "credproxy: waiting for the provider to say the code was approved (at most %s)\n", f.timeout)
 	tok, err := cfg.DeviceAccessToken(ctx, da)
@@ -46,4 +49,14 @@ func (f *loginFlow) device(ctx context.Context) (*oauth2.Token, error) {
 		return nil, errors.New("the device code expired before it was approved; run login again for a new one")
 	}
 	return nil, f.providerError("waiting for the approval", err, credproxy.Secret(da.DeviceCode))
+}
+
+// printable is s, from the provider's answer, as it is if it has no
+// control character, else Go-quoted, so that it cannot move the cursor or
+// forge a line of ours on the terminal.
+func printable(s string) string {
+	if strings.ContainsFunc(s, unicode.IsControl) {
+		return strconv.Quote(s)
+	}
+	return s
 }
