@@ -97,8 +97,8 @@ func TestCallbackAnswersOnceOnAKeptConnection(t *testing.T) {
 	}
 }
 
-// A redirect_url names the address and path: localhost is listened for
-// on 127.0.0.1, and the provider is given the URL as written.
+// A redirect_url names the address and path, and the provider is given
+// the URL as written.
 func TestCallbackListensWhereTheRedirectURLSays(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -106,7 +106,7 @@ func TestCallbackListensWhereTheRedirectURLSays(t *testing.T) {
 	}
 	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 	ln.Close()
-	redirect := "http://localhost:" + port + "/oauth/cb"
+	redirect := "http://127.0.0.1:" + port + "/oauth/cb"
 	cb, err := listenCallback(redirect, "S")
 	if err != nil {
 		t.Fatal(err)

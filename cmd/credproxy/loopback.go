@@ -42,8 +42,8 @@ type callbackAnswer struct {
 // listenCallback starts the redirect target for a login whose state is
 // state: on 127.0.0.1 and a free port, with the path /callback, unless
 // redirectURL (the provider's redirect_url, a loopback http URL with a
-// port, as providers.go checks) names them. A redirect_url on localhost is
-// listened for on 127.0.0.1, where localhost resolves first.
+// port, as providers.go checks: 127.0.0.1 or [::1], never localhost)
+// names them.
 func listenCallback(redirectURL, state string) (*callback, error) {
 	host, port, path := "127.0.0.1", "0", defaultCallbackPath
 	if redirectURL != "" {
@@ -52,9 +52,6 @@ func listenCallback(redirectURL, state string) (*callback, error) {
 			return nil, fmt.Errorf("redirect_url: %w", err)
 		}
 		host, port, path = u.Hostname(), u.Port(), u.EscapedPath()
-		if host == "localhost" {
-			host = "127.0.0.1"
-		}
 		if path == "" {
 			path = "/"
 		}

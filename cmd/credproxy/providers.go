@@ -194,7 +194,7 @@ func (pv *provider) check() error {
 	if pv.RedirectURL != "" {
 		u, err := url.Parse(pv.RedirectURL)
 		if err != nil || u.Scheme != "http" || !isLoopback(u.Hostname()) || u.Port() == "" {
-			return errors.New("redirect_url must be http on a loopback address with a port, such as http://127.0.0.1:8085/callback (RFC 8252, section 7.3)")
+			return errors.New("redirect_url must be http on a loopback address, written as one, with a port, such as http://127.0.0.1:8085/callback (RFC 8252, sections 7.3 and 8.3: not localhost, which may resolve to another address, where another user could listen)")
 		}
 	}
 	if !slices.Contains([]string{"", "header", "params"}, pv.AuthStyle) {
@@ -216,13 +216,18 @@ func checkEndpoint(raw string) error {
 	if u.Scheme == "https" || u.Scheme == "http" && isLoopback(u.Hostname()) {
 		return nil
 	}
+	if u.Scheme == "http" && u.Hostname() == "localhost" {
+		return fmt.Errorf("%q: write the loopback address, 127.0.0.1 or [::1], not localhost, which may resolve to the other one, where another user could listen", raw)
+	}
 	return fmt.Errorf("%q must be https (http only on a loopback address)", raw)
 }
 
+// isLoopback reports whether host is a loopback address, written as one.
+// The name localhost is not: it resolves to 127.0.0.1 or ::1, browsers
+// and resolvers try them in different orders, and any local user may
+// listen on the one credproxy does not use, so a code or a token sent
+// there could reach them (RFC 8252, section 8.3, advises against it).
 func isLoopback(host string) bool {
-	if host == "localhost" {
-		return true
-	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
 }

@@ -41,6 +41,8 @@ func TestProvidersFileRefusesWhatIsWrongNamingIt(t *testing.T) {
 		{"both secrets", `{"providers":{"p":{` + good + `,"client_secret":"s","client_secret_key":"k"}}}`, 0o600, "not both"},
 		{"secret readable by others", `{"providers":{"p":{` + good + `,"client_secret":"` + fakeClientSecret + `"}}}`, 0o644, "chmod 600"},
 		{"redirect off loopback", `{"providers":{"p":{` + good + `,"redirect_url":"http://example.com:8080/cb"}}}`, 0o600, "redirect_url must be http on a loopback address"},
+		{"localhost endpoint", `{"providers":{"p":{"client_id":"cli","token_url":"http://localhost:9998/token"}}}`, 0o600, "not localhost, which may resolve to the other one"},
+		{"localhost redirect", `{"providers":{"p":{` + good + `,"redirect_url":"http://localhost:8085/cb"}}}`, 0o600, "not localhost"},
 		{"bad auth style", `{"providers":{"p":{` + good + `,"auth_style":"basic"}}}`, 0o600, `auth_style is "basic"`},
 		{"bad name", `{"providers":{"p/q":{` + good + `}}}`, 0o600, "provider name must match"},
 		{"two values", `{"providers":{}} {}`, 0o600, "more than one JSON value"},
