@@ -160,6 +160,13 @@ func readConfig(path string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if err := checkConfigWriters(path, fi); err != nil {
+		return nil, err
+	}
 	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
 	if err == nil && len(data) > maxConfigSize {
 		err = fmt.Errorf("%s is larger than %d bytes", path, maxConfigSize)

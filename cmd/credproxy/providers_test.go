@@ -43,6 +43,8 @@ func TestProvidersFileRefusesWhatIsWrongNamingIt(t *testing.T) {
 		{"redirect off loopback", `{"providers":{"p":{` + good + `,"redirect_url":"http://example.com:8080/cb"}}}`, 0o600, "redirect_url must be http on a loopback address"},
 		{"localhost endpoint", `{"providers":{"p":{"client_id":"cli","token_url":"http://localhost:9998/token"}}}`, 0o600, "not localhost, which may resolve to the other one"},
 		{"localhost redirect", `{"providers":{"p":{` + good + `,"redirect_url":"http://localhost:8085/cb"}}}`, 0o600, "not localhost"},
+		{"writable by the group", `{"providers":{"p":{` + good + `}}}`, 0o664, "may be written by others (mode 0664)"},
+		{"writable by others", `{"providers":{"p":{` + good + `}}}`, 0o602, "may be written by others (mode 0602)"},
 		{"bad auth style", `{"providers":{"p":{` + good + `,"auth_style":"basic"}}}`, 0o600, `auth_style is "basic"`},
 		{"bad name", `{"providers":{"p/q":{` + good + `}}}`, 0o600, "provider name must match"},
 		{"two values", `{"providers":{}} {}`, 0o600, "more than one JSON value"},
@@ -166,5 +168,18 @@ func TestNamedProvidersFileMustExistAndNotBeEmpty(t *testing.T) {
 	r = credproxyCmd(t, append(env, providersEnv+"="+empty), "", "login", "demo")
 	if r.code != 1 || !strings.Contains(r.stderr, "the providers file "+empty+" is empty") {
 		t.Errorf("login with an empty providers file: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// A providers file that belongs to another user is refused: whoever
+// writes it decides where the tokens go.
+func TestProvidersFileOfAnotherUserIsRefused(t *testing.T) {
+	needRoot(t, "making a file another user's needs root")
+	path := writeProviders(t, 0o644, `{"providers":{"p":{"client_id":"cli","token_url":"https://auth.example/token"}}}`)
+	if err := os.Chown(path, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadProviders(path, true); err == nil || !strings.Contains(err.Error(), "belongs to uid 65534, not to you") {
+		t.Fatalf("loadProviders of uid 65534's file: %v", err)
 	}
 }
