@@ -223,7 +223,9 @@ func TestServeIgnoresSocketActivationMeantForAnotherProcess(t *testing.T) {
 
 // serve refuses, with exit status 1 and words that name what systemd
 // passed and the setting to use, a descriptor 3 that is not a listening
-// Unix stream socket; and -session-dir, which has no use then, with a
+// Unix stream socket with a path (an abstract one, which any process in
+// the network namespace reaches, was accepted until an attacking review);
+// and -session-dir, which has no use then, with a
 // usage error. LISTEN_PID is set by a shell that then execs serve, so it
 // is serve's pid.
 func TestActivatedServeRefusesWhatIsNotAListeningUnixSocket(t *testing.T) {
@@ -247,6 +249,7 @@ func TestActivatedServeRefusesWhatIsNotAListeningUnixSocket(t *testing.T) {
 		{"regular file", file, nil, 1, "descriptor 3 from systemd (LISTEN_FDS) is not a socket; serve needs ListenStream= with a path"},
 		{"datagram", fd(net.ListenUnixgram("unixgram", unixAddr("unixgram", filepath.Join(dir, "dgram.sock")))), nil, 1, "is not a stream socket (ListenDatagram="},
 		{"TCP", fd(net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})), nil, 1, "is not a Unix socket (a port or an IP address in ListenStream=?)"},
+		{"abstract", fd(net.ListenUnix("unix", unixAddr("unix", "@credproxy-test-"+strconv.Itoa(os.Getpid())))), nil, 1, "is an abstract or unnamed Unix socket"},
 		{"connection", fd(net.DialUnix("unix", nil, unixAddr("unix", filepath.Join(dir, "conn.sock")))), nil, 1, "is not listening (Accept=yes"},
 		{"-session-dir", fd(net.ListenUnix("unix", unixAddr("unix", filepath.Join(dir, "ok.sock")))), []string{"-session-dir", filepath.Join(dir, "s")}, 2, "-session-dir has no use when systemd passes the socket"},
 	} {

@@ -72,7 +72,7 @@ func systemdListener() (net.Listener, string, error) {
 }
 
 // listeningUnixSocket returns the address fd, a listening Unix stream
-// socket, is bound to (a path, or "@name" for an abstract one), or an
+// socket, is bound to (a path; an abstract socket is refused), or an
 // error that completes "descriptor 3 ..." with what it is instead.
 func listeningUnixSocket(fd int) (string, error) {
 	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
@@ -99,6 +99,12 @@ func listeningUnixSocket(fd int) (string, error) {
 	ua, ok := sa.(*unix.SockaddrUnix)
 	if !ok {
 		return "", errors.New("is not a Unix socket (a port or an IP address in ListenStream=?)")
+	}
+	if ua.Name == "" || ua.Name[0] == '@' || ua.Name[0] == 0 {
+		// An abstract socket has no file: no mode to keep others out,
+		// and any process in the network namespace reaches it, sandboxes
+		// that share the host's network included, with no mount.
+		return "", fmt.Errorf("is an abstract or unnamed Unix socket (%q), which any process in the network namespace reaches, with no file mode to stop it", ua.Name)
 	}
 	return ua.Name, nil
 }
