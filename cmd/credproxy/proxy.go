@@ -256,23 +256,29 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 		stop()
 		return reportStart(err, std)
 	}
+	status := relaySignals(cmd, signals, std)
+	if err := stop(); err != nil {
+		fmt.Fprintln(std.err, "credproxy: shutting the proxy down:", err)
+	}
+	return status
+}
+
+// relaySignals passes the signals that arrive on signals on to cmd,
+// started, until it ends, and returns the status to exit with for it (see
+// waitCommand). run and forward both wrap a command this way.
+func relaySignals(cmd *exec.Cmd, signals <-chan os.Signal, std stdio) int {
 	waited := make(chan int, 1)
 	go func() { waited <- waitCommand(cmd, std) }()
-	var status int
-	for done := false; !done; {
+	for {
 		select {
 		case sig := <-signals:
 			if !terminalSentToo(sig, cmd.Process.Pid) { // one Ctrl-C must reach CMD once
 				cmd.Process.Signal(sig)
 			}
-		case status = <-waited:
-			done = true
+		case status := <-waited:
+			return status
 		}
 	}
-	if err := stop(); err != nil {
-		fmt.Fprintln(std.err, "credproxy: shutting the proxy down:", err)
-	}
-	return status
 }
 
 // exitStatus is the status run exits with for CMD's end, as cmd.Wait
