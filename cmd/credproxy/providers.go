@@ -15,7 +15,6 @@ import (
 	"regexp"
 	"runtime"
 	"slices"
-	"strings"
 
 	"github.com/credproxy/credproxy"
 	"golang.org/x/oauth2"
@@ -334,31 +333,4 @@ func (p providers) exceptClientSecrets(grant *credproxy.Grant) error {
 		grant.ExceptKeys = append(grant.ExceptKeys, k)
 	}
 	return nil
-}
-
-// describe is how a provider is listed: its endpoints and client, never
-// its secret.
-func (pv *provider) describe() string {
-	var flows []string
-	if pv.AuthURL != "" {
-		flows = append(flows, "browser")
-	}
-	if pv.DeviceAuthURL != "" {
-		flows = append(flows, "device")
-	}
-	if len(flows) == 0 {
-		flows = append(flows, "none")
-	}
-	secret := "public client"
-	switch {
-	case pv.ClientSecretKey != "":
-		secret = "secret in key " + pv.ClientSecretKey
-	case pv.ClientSecret != "":
-		secret = "secret in the file"
-	}
-	revoke := "no revocation"
-	if pv.RevocationURL != "" {
-		revoke = "revocation"
-	}
-	return fmt.Sprintf("client %s (%s), token %s, login: %s, %s", pv.ClientID, secret, pv.TokenURL, strings.Join(flows, "+"), revoke)
 }
