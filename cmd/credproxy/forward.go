@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -14,12 +13,13 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/credproxy/credproxy"
 )
 
 // Inside the sandbox: the injecting front's socket, which run sets from the
 // session, and the loopback address forward listens on.
 const (
-	injectSocketEnv    = "LLXPRT_INJECT_SOCKET"
 	injectAddrEnv      = "LLXPRT_INJECT_ADDR"
 	defaultInjectAddr  = "127.0.0.1:8787"
 	maxForwardedConns  = 64
@@ -78,12 +78,12 @@ func forwardCommand(args []string, std stdio) int {
 	if err != nil {
 		return fail(err)
 	}
-	socket := os.Getenv(injectSocketEnv)
+	socket := os.Getenv(credproxy.InjectSocketEnv)
 	if socket == "" {
-		return fail(fmt.Errorf("%s is not set: forward relays to the socket of an injecting front, which 'credproxy run -inject NAME' names there", injectSocketEnv))
+		return fail(fmt.Errorf("%s is not set: forward relays to the socket of an injecting front, which 'credproxy run -inject NAME' names there", credproxy.InjectSocketEnv))
 	}
 	if fi, err := os.Stat(socket); err != nil || fi.Mode()&os.ModeSocket == 0 {
-		return fail(fmt.Errorf("%s=%s is not a socket; mount the session's directory into the sandbox", injectSocketEnv, socket))
+		return fail(fmt.Errorf("%s=%s is not a socket; mount the session's directory into the sandbox", credproxy.InjectSocketEnv, socket))
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -120,9 +120,8 @@ func forwardAddr(flag string) (string, error) {
 	if addr == "" {
 		addr = defaultInjectAddr
 	}
-	ap, err := netip.ParseAddrPort(addr)
-	if err != nil || !ap.Addr().IsLoopback() {
-		return "", usageError("forward listens on a loopback address and port, written as an IP (127.0.0.1:8787 or [::1]:8787), not %q: anything that reaches the address reaches the session's injecting front", addr)
+	if err := checkLoopbackAddr(addr); err != nil {
+		return "", fmt.Errorf("forward: %w", err)
 	}
 	return addr, nil
 }

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/credproxy/credproxy"
 )
 
 // unixServer listens on a Unix socket at a short path (sun_path is 108
@@ -309,7 +311,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // hand the session's front to whoever reaches it.
 func TestForwardRefusesANonLoopbackAddress(t *testing.T) {
 	socket, _ := unixServer(t, func(net.Conn) {})
-	env := append(os.Environ(), injectSocketEnv+"="+socket)
+	env := append(os.Environ(), credproxy.InjectSocketEnv+"="+socket)
 	for _, addr := range []string{"0.0.0.0:8787", "[::]:8787", "192.0.2.1:8787", "localhost:8787", "127.0.0.1", ":8787"} {
 		r := credproxyCmd(t, env, "", "forward", "-listen", addr)
 		if r.code != exitUsage || !strings.Contains(r.stderr, "loopback") {
@@ -321,7 +323,7 @@ func TestForwardRefusesANonLoopbackAddress(t *testing.T) {
 		}
 	}
 	r := credproxyCmd(t, os.Environ(), "", "forward", "-listen", "127.0.0.1:0")
-	if r.code != 1 || !strings.Contains(r.stderr, injectSocketEnv+" is not set") {
+	if r.code != 1 || !strings.Contains(r.stderr, credproxy.InjectSocketEnv+" is not set") {
 		t.Errorf("with no socket: %+v", r)
 	}
 }
@@ -333,7 +335,7 @@ func TestForwardRefusesANonLoopbackAddress(t *testing.T) {
 func TestForwardRunsTheCommandAndExitsWithItsStatus(t *testing.T) {
 	needTool(t, "bash", "bash")
 	socket, _ := unixServer(t, func(c net.Conn) { io.Copy(c, c) })
-	env := append(pathEnv(t), injectSocketEnv+"="+socket)
+	env := append(pathEnv(t), credproxy.InjectSocketEnv+"="+socket)
 	r := credproxyCmd(t, env, "", "forward", "-listen", "127.0.0.1:0", "--", "bash", "-c",
 		`exec 3<>"/dev/tcp/${LLXPRT_INJECT_ADDR%:*}/${LLXPRT_INJECT_ADDR##*:}" && printf ping >&3 && head -c 4 <&3 && exit 3`)
 	r.want(t, 3, "ping")
@@ -347,7 +349,7 @@ func TestForwardPassesSIGTERMToTheCommand(t *testing.T) {
 	socket, _ := unixServer(t, func(net.Conn) {})
 	cmd := exec.Command(binary, "forward", "-listen", "127.0.0.1:0", "--", "sh", "-c",
 		`trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 1 & wait; done`)
-	cmd.Env = append(pathEnv(t), injectSocketEnv+"="+socket)
+	cmd.Env = append(pathEnv(t), credproxy.InjectSocketEnv+"="+socket)
 	lines := startFirstLine(t, cmd)
 	cmd.Process.Signal(syscall.SIGTERM)
 	if !lines.Scan() || lines.Text() != "got-term" {
@@ -364,7 +366,7 @@ func TestForwardPassesSIGTERMToTheCommand(t *testing.T) {
 func TestForwardServesUntilSIGTERM(t *testing.T) {
 	socket, _ := unixServer(t, func(c net.Conn) { io.Copy(c, c) })
 	cmd := exec.Command(binary, "forward", "-listen", "127.0.0.1:0")
-	cmd.Env = append(os.Environ(), injectSocketEnv+"="+socket)
+	cmd.Env = append(os.Environ(), credproxy.InjectSocketEnv+"="+socket)
 	lines := startFirstLine(t, cmd)
 	addr, ok := strings.CutPrefix(lines.Text(), injectAddrEnv+"=")
 	if !ok {
@@ -391,7 +393,7 @@ func TestForwardServesUntilSIGTERM(t *testing.T) {
 // were not there.
 func TestForwardPassesTheCapabilityDescriptorOn(t *testing.T) {
 	socket, _ := unixServer(t, func(net.Conn) {})
-	env := append(pathEnv(t), injectSocketEnv+"="+socket)
+	env := append(pathEnv(t), credproxy.InjectSocketEnv+"="+socket)
 	credproxyCmd(t, env, "", "run", "-store", "memory", "-import", writeCreds(t), "-allow-provider", "anthropic", "--",
 		binary, "forward", "-listen", "127.0.0.1:0", "--", binary, "token", "get", "anthropic").want(t, 0, sanitised+"\n")
 }

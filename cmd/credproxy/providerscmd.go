@@ -163,8 +163,25 @@ func reauthHint(std stdio) func(credproxy.RefreshEvent) {
 }
 
 // describe is how a provider is listed: its endpoints and client, never
-// its secret.
+// its secret, and where it injects.
 func (pv *provider) describe() string {
+	inject := ""
+	if c := pv.Inject; c != nil {
+		cred := "its token"
+		if c.Key != "" {
+			cred = "API key " + c.Key
+		}
+		inject = fmt.Sprintf("inject %s to %s", cred, c.Upstream)
+		if !pv.oauth() {
+			return inject
+		}
+		inject = ", " + inject
+	}
+	return pv.describeOAuth() + inject
+}
+
+// describeOAuth is the OAuth half of describe.
+func (pv *provider) describeOAuth() string {
 	var flows []string
 	if pv.AuthURL != "" {
 		flows = append(flows, "browser")

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -23,6 +24,10 @@ type proxyFlags struct {
 	sessionDir string
 	providers  string
 	verbose    bool
+	inject     []string
+	injectAddr string
+
+	injected *injection // what -inject asks for, once newServer has read the providers file
 }
 
 func (p *proxyFlags) register(fs *flag.FlagSet) {
@@ -42,6 +47,8 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
 	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist, or be empty with mode 0700 (default: a new directory in the per-user directory in the temp dir)")
 	fs.StringVar(&p.providers, "providers", "", "the providers `file`, whose tokens the host refreshes (default: $"+providersEnv+", else providers.json in the config directory; see 'credproxy providers -help')")
+	fs.Func("inject", "route the sandbox's SDK for this `provider` through the session's injecting front, which puts the real API key or token in (repeatable; see 'credproxy providers -help'); does not let the sandbox read the credential", appendTo(&p.inject))
+	fs.StringVar(&p.injectAddr, "inject-addr", defaultInjectAddr, "with -inject, the loopback `address` 'credproxy forward' listens on in the sandbox, as the base URLs given to CMD name it")
 	fs.BoolVar(&p.verbose, "v", false, "log every request (the audit log) on stderr, besides the refusals logged always")
 }
 
@@ -73,7 +80,12 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	if err != nil {
 		return nil, nil, err
 	}
-	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
+	opts := credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir}
+	if p.injected != nil {
+		opts.Policy = &injectPolicy{grant: &p.grant, routes: p.injected.routes}
+		opts.Routes = p.injected.routes
+	}
+	sess, err = srv.NewSession(opts)
 	if err != nil {
 		srv.Close()
 		store.Close()
@@ -103,6 +115,18 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 	if err := provs.exceptClientSecrets(&p.grant); err != nil {
 		return nil, nil, err
 	}
+	var injectTransport http.RoundTripper
+	if len(p.inject) > 0 {
+		if err := checkLoopbackAddr(p.injectAddr); err != nil {
+			return nil, nil, fmt.Errorf("-inject-addr: %w", err)
+		}
+		if p.injected, err = provs.injection(p.inject); err != nil {
+			return nil, nil, err
+		}
+		if injectTransport, err = p.injected.transport(); err != nil {
+			return nil, nil, err
+		}
+	}
 	store, err := p.openStore(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -119,6 +143,8 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 		Logger:      p.logger(std),
 		Refreshers:  refreshers,
 		OnRefresh:   reauthHint(std),
+
+		InjectTransport: injectTransport,
 	})
 	if err != nil {
 		store.Close()

@@ -35,7 +35,18 @@ not started and run exits 125. On Linux CMD is killed if run dies, and a run
 that is PID 1 (a container's entrypoint) reaps the orphaned processes
 reparented to it, so that they do not linger as zombies.
 CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
-itself non-dumpable so that CMD cannot read it from /proc either.`
+itself non-dumpable so that CMD cannot read it from /proc either.
+
+With -inject NAME (repeatable), the sandbox never holds NAME's credential,
+not even an access token: the session also serves an injecting HTTP front,
+inject.sock in its directory, that forwards /NAME/... to NAME's API with the
+real API key or token (refreshed on the host) in place of the session's
+phantom credential. CMD's environment gets LLXPRT_INJECT_SOCKET,
+LLXPRT_INJECT_ADDR (-inject-addr), LLXPRT_INJECT_PHANTOM and, per route, its
+SDK's base URL (ANTHROPIC_BASE_URL=http://127.0.0.1:8787/anthropic) and key
+variable (ANTHROPIC_API_KEY=the phantom); 'credproxy forward -- CMD' in the
+sandbox serves that address. -inject grants the route's calls only, not the
+credential over the socket. 'credproxy providers -help' has the routes.`
 
 const runExample = `  # A bubblewrap sandbox that sees the session's socket and nothing of the host's store:
   credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
@@ -46,7 +57,13 @@ const runExample = `  # A bubblewrap sandbox that sees the session's socket and 
   # Podman: pass descriptor 3 and the two variables on, mount the directory read-only:
   credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
     podman run --rm --network none --preserve-fds 1 --env LLXPRT_CREDENTIAL_SOCKET --env LLXPRT_CAPABILITY_FD \
-      -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE /credproxy token get anthropic`
+      -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE /credproxy token get anthropic
+  # Injection: the SDK in the sandbox gets a phantom key and a base URL that forward serves:
+  credproxy run -session-dir /tmp/cp-sandbox -inject anthropic -- \
+    bwrap --unshare-all --die-with-parent --cap-drop ALL --ro-bind /usr /usr --symlink usr/lib /lib \
+      --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev \
+      --ro-bind /tmp/cp-sandbox /tmp/cp-sandbox --ro-bind "$(command -v credproxy)" /credproxy \
+      -- /credproxy forward -- node app.mjs`
 
 func runCommand(ctx context.Context, args []string, std stdio) int {
 	fs := newFlags("run", runSynopsis, runExample, std)
@@ -82,8 +99,7 @@ func runCommand(ctx context.Context, args []string, std stdio) int {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = std.in, std.out, std.err
 	cmd.ExtraFiles = []*os.File{handoff} // descriptor 3
 	cmd.SysProcAttr = commandAttr()
-	cmd.Env = append(withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv),
-		sess.Environ()...)
+	cmd.Env = p.commandEnv(sess)
 	signals := make(chan os.Signal, 4)
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(signals)
@@ -116,6 +132,19 @@ func relaySignals(cmd *exec.Cmd, signals <-chan os.Signal, std stdio) int {
 			return status
 		}
 	}
+}
+
+// commandEnv is CMD's environment: run's own, without the store's
+// password and what the session sets, then the session's variables and,
+// with -inject, the injection's, phantom credential included.
+func (p *proxyFlags) commandEnv(sess *credproxy.Session) []string {
+	drop := []string{credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv}
+	var add []string
+	if p.injected != nil {
+		drop = append(drop, p.injected.names()...)
+		add = p.injected.environ(sess.InjectSocketPath(), string(sess.Phantom()), p.injectAddr)
+	}
+	return append(append(withoutEnv(os.Environ(), drop...), sess.Environ()...), add...)
 }
 
 // exitStatus is the status run exits with for CMD's end, as cmd.Wait

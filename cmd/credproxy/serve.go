@@ -21,7 +21,10 @@ arguments, and mount the socket's directory, read-only. Unlike run, serve
 cannot keep its own environment (the store password, say) from the sandbox:
 start the sandbox with a clean one. Logs go to stderr. As with run, the
 tokens of the providers in the providers file are refreshed on the host. serve makes itself
-non-dumpable, as run does.
+non-dumpable, as run does. With -inject, the lines that follow are the
+variables run gives CMD for the injection ('credproxy run -help' says
+what they are): give them to the sandbox as they are, and run
+'credproxy forward' in it.
 
 Started by systemd socket activation (LISTEN_PID and LISTEN_FDS; the README
 has a user unit pair), serve serves the one listening Unix socket systemd
@@ -73,6 +76,11 @@ func serveCommand(ctx context.Context, args []string, std stdio) error {
 		return err
 	}
 	fmt.Fprintf(std.out, "%s=%s\n%s=%s\n", credproxy.SocketEnv, sess.SocketPath(), capabilityTokenLine, string(sess.CapabilityToken()))
+	if p.injected != nil {
+		for _, kv := range p.injected.environ(sess.InjectSocketPath(), string(sess.Phantom()), p.injectAddr) {
+			fmt.Fprintln(std.out, kv)
+		}
+	}
 	<-ctx.Done()
 	return stop()
 }
