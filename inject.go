@@ -26,12 +26,14 @@ const InjectSocketEnv = "LLXPRT_INJECT_SOCKET"
 // directory.
 const injectSocketName = "inject.sock"
 
-// The injection front's HTTP server and its bounds.
+// injectReadHeaderTimeout bounds the time from a connection's accept, or
+// the end of its last request, to the end of a request's headers: a
+// client trickling its headers (slowloris) is cut off after it. A
+// variable so that a test can shorten it.
+var injectReadHeaderTimeout = 10 * time.Second
+
+// The injection front's bounds.
 const (
-	// injectReadHeaderTimeout bounds the time from a connection's accept,
-	// or the end of its last request, to the end of a request's headers:
-	// a client trickling its headers (slowloris) is cut off after it.
-	injectReadHeaderTimeout = 10 * time.Second
 	// injectMaxHeaderBytes bounds a request's headers (net/http adds 4
 	// KiB of slack); more is answered with 431.
 	injectMaxHeaderBytes = 64 << 10

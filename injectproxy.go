@@ -41,6 +41,16 @@ func (f *injectFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.handlers.Done()
+	if len(r.TransferEncoding) > 0 {
+		// net/http reads a request with both Transfer-Encoding: chunked
+		// and a Content-Length by the former and drops the latter, as
+		// RFC 9112 (section 6.1) allows, without a word; the same
+		// section says to close the connection after answering such a
+		// request, so that nothing that followed the body is taken for
+		// another request. Chunked requests are rare from SDKs: all are
+		// answered so.
+		w.Header().Set("Connection", "close")
+	}
 	peer, _ := r.Context().Value(peerKey{}).(Peer)
 	rt, rawRest, status, reason := f.match(r)
 	if status != 0 {
