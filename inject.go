@@ -127,6 +127,7 @@ func (ss *Session) newInjectFront(routes map[string]*route) (*injectFront, error
 		ErrorLog:       errLog,
 		ErrorHandler:   f.proxyError,
 		ModifyResponse: f.forwarded,
+		BufferPool:     copyBuffers,
 	}
 	f.http = &http.Server{
 		Handler:           f,
@@ -302,3 +303,19 @@ func (w *logWriter) Write(p []byte) (int, error) {
 func routeNames(routes map[string]*route) []string {
 	return slices.Sorted(maps.Keys(routes))
 }
+
+// copyBuffers holds the 32 KiB buffers the fronts copy response bodies
+// with (httputil's size): an open stream holds one, and a finished call
+// hands it to the next rather than leave it to the collector.
+var copyBuffers httputil.BufferPool = &copyBufferPool{}
+
+type copyBufferPool struct{ pool sync.Pool }
+
+func (p *copyBufferPool) Get() []byte {
+	if b, ok := p.pool.Get().(*[]byte); ok {
+		return *b
+	}
+	return make([]byte, 32<<10)
+}
+
+func (p *copyBufferPool) Put(b []byte) { p.pool.Put(&b) }
