@@ -66,7 +66,8 @@ func rawGet(sess *Session, target string) string {
 // Paths that could mean another path to some server on the way, or after
 // decoding, are refused with 400 before any route is looked up; an
 // encoded route name is no route's name. A traversal never escapes the
-// route's path prefix or reaches another route.
+// route's path prefix or reaches another route. A path that passes
+// reaches the upstream as it was sent.
 func TestInjectRefusesPathTraversalAndEncodedSlashes(t *testing.T) {
 	sess, up := hostileFront(t)
 	for i, tc := range []struct {
@@ -90,6 +91,11 @@ func TestInjectRefusesPathTraversalAndEncodedSlashes(t *testing.T) {
 		{"/anthropic/v1/models%00", 400},
 		{"/anthropic/v1/models%0d%0aX-Injected:%20yes", 400},
 		{"/anthropic/v1/mo%zzdels", 400},
+		{"/anthropic/v1/models#/../../openai", 400},
+		{"/anthropic/v1/models/\xc0\xae\xc0\xae/x", 400}, // overlong UTF-8 dots
+		{"/anthropic/v1/models/{x}", 400},
+		{"/anthropic/v1/models/claude:generate;v=1@x", 200}, // what RFC 3986 allows
+		{"/anthropic/v1/models/caf%C3%A9", 200},
 		{"/%61nthropic/v1/models", 404},
 		{"/anthropic%2fv1/models", 400},
 		{"/anthropic/v1/modelsX", 403},
@@ -100,6 +106,12 @@ func TestInjectRefusesPathTraversalAndEncodedSlashes(t *testing.T) {
 		reached := up.requests.Load() - before
 		if len(statuses) != 1 || statuses[0] != tc.want || (tc.want == 200) != (reached == 1) {
 			t.Errorf("case %d: GET %s: statuses %v, %d upstream requests; want [%d]", i, tc.target, statuses, reached, tc.want)
+		}
+		if reached != 1 {
+			continue
+		}
+		if got, _ := up.last(t); got.URL.EscapedPath() != "/api"+strings.TrimPrefix(tc.target, "/anthropic") {
+			t.Errorf("case %d: the upstream got %s, want the path as sent", i, got.URL.EscapedPath())
 		}
 	}
 }
