@@ -26,12 +26,14 @@ const InjectSocketEnv = "LLXPRT_INJECT_SOCKET"
 // directory.
 const injectSocketName = "inject.sock"
 
-// The injection front's HTTP server and its bounds.
+// injectReadHeaderTimeout bounds the time from a connection's accept, or
+// the end of its last request, to the end of a request's headers: a
+// client trickling its headers (slowloris) is cut off after it. A
+// variable so that a test can shorten it.
+var injectReadHeaderTimeout = 10 * time.Second
+
+// The injection front's bounds.
 const (
-	// injectReadHeaderTimeout bounds the time from a connection's accept,
-	// or the end of its last request, to the end of a request's headers:
-	// a client trickling its headers (slowloris) is cut off after it.
-	injectReadHeaderTimeout = 10 * time.Second
 	// injectMaxHeaderBytes bounds a request's headers (net/http adds 4
 	// KiB of slack); more is answered with 431.
 	injectMaxHeaderBytes = 64 << 10
@@ -125,6 +127,7 @@ func (ss *Session) newInjectFront(routes map[string]*route) (*injectFront, error
 		ErrorLog:       errLog,
 		ErrorHandler:   f.proxyError,
 		ModifyResponse: f.forwarded,
+		BufferPool:     copyBuffers,
 	}
 	f.http = &http.Server{
 		Handler:           f,
@@ -300,3 +303,19 @@ func (w *logWriter) Write(p []byte) (int, error) {
 func routeNames(routes map[string]*route) []string {
 	return slices.Sorted(maps.Keys(routes))
 }
+
+// copyBuffers holds the 32 KiB buffers the fronts copy response bodies
+// with (httputil's size): an open stream holds one, and a finished call
+// hands it to the next rather than leave it to the collector.
+var copyBuffers httputil.BufferPool = &copyBufferPool{}
+
+type copyBufferPool struct{ pool sync.Pool }
+
+func (p *copyBufferPool) Get() []byte {
+	if b, ok := p.pool.Get().(*[]byte); ok {
+		return *b
+	}
+	return make([]byte, 32<<10)
+}
+
+func (p *copyBufferPool) Put(b []byte) { p.pool.Put(&b) }

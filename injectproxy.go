@@ -41,6 +41,16 @@ func (f *injectFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.handlers.Done()
+	if len(r.TransferEncoding) > 0 {
+		// net/http reads a request with both Transfer-Encoding: chunked
+		// and a Content-Length by the former and drops the latter, as
+		// RFC 9112 (section 6.1) allows, without a word; the same
+		// section says to close the connection after answering such a
+		// request, so that nothing that followed the body is taken for
+		// another request. Chunked requests are rare from SDKs: all are
+		// answered so.
+		w.Header().Set("Connection", "close")
+	}
 	peer, _ := r.Context().Value(peerKey{}).(Peer)
 	rt, rawRest, status, reason := f.match(r)
 	if status != 0 {
@@ -249,8 +259,10 @@ func setCredential(req *http.Request, rt *route, cred Secret) {
 // injectTransport sends a request upstream with the session's transport.
 // For a token route, an upstream's 401 leads to one host-side refresh
 // (refresh_token's, for the session: the cooldown and the single flight
-// apply) and one retry with the new token, if the request's body could
-// be kept for it.
+// apply, so a sandbox cannot make the host call the provider more than
+// once per cooldown) and, if the refresh gave another token and the
+// request's body could be kept (at most 1 MiB), one retry with it.
+// Otherwise the upstream's 401 goes back as it came.
 type injectTransport struct{ f *injectFront }
 
 func (t injectTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -281,11 +293,11 @@ func (t injectTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	resp, err := f.transport.RoundTrip(req)
-	if err != nil || resp.StatusCode != http.StatusUnauthorized || !replayable {
+	if err != nil || resp.StatusCode != http.StatusUnauthorized {
 		return resp, err
 	}
 	fresh, ok := f.refreshAfter401(req.Context(), inj)
-	if !ok {
+	if !ok || !replayable {
 		return resp, nil // the upstream's 401, as it came
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
@@ -294,7 +306,6 @@ func (t injectTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if replay != nil {
 		retry.Body = io.NopCloser(bytes.NewReader(replay))
 	}
-	inj.cred = fresh
 	setCredential(retry, inj.rt, fresh)
 	return f.transport.RoundTrip(retry)
 }
@@ -317,6 +328,7 @@ func (f *injectFront) refreshAfter401(ctx context.Context, inj *injection) (Secr
 	if fresh == "" || fresh == inj.cred || !validHeaderValue(string(fresh)) {
 		return "", false
 	}
+	inj.cred = fresh
 	return fresh, true
 }
 

@@ -202,16 +202,23 @@ func (r *route) allows(method, rest string) bool {
 }
 
 // badRawPath says what is wrong with a request's path as it was sent
-// (before any decoding), or returns "": a '..' or '.' segment, plain or
-// percent-encoded, an empty segment ("//"), a backslash, an encoded slash
-// or backslash, an encoded control character, or a malformed escape.
-// Paths that pass mean the same to every server that reads them.
+// (before any decoding), or returns "": a character RFC 3986 does not
+// allow in a path (a backslash, '#', a space or a byte above 0x7f among
+// them), a '..' or '.' segment, plain or percent-encoded, an empty
+// segment ("//"), an encoded slash or backslash, an encoded control
+// character, or a malformed escape. Paths that pass mean the same to
+// every server that reads them, and are forwarded as they are.
 func badRawPath(raw string) string {
 	if !strings.HasPrefix(raw, "/") {
 		return "not an absolute path"
 	}
 	if strings.Contains(raw, "\\") {
 		return "backslash in path"
+	}
+	for i := 0; i < len(raw); i++ {
+		if !isPathChar(raw[i]) {
+			return "character not allowed in a path"
+		}
 	}
 	if strings.Contains(raw, "//") {
 		return "empty path segment"
@@ -233,6 +240,12 @@ func badRawPath(raw string) string {
 		}
 	}
 	return ""
+}
+
+// isPathChar reports whether c may appear in a path as sent: a pchar of
+// RFC 3986 (unreserved, sub-delims, ':', '@', and '%' of an escape) or '/'.
+func isPathChar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-._~!$&'()*+,;=:@%/", c) >= 0
 }
 
 // validHeaderName reports whether s is an RFC 9110 token, as header

@@ -94,7 +94,10 @@ type SessionOptions struct {
 	// connection cap, MaxConnections, and closes keep-alive connections
 	// idle for IdleTimeout or 2 minutes, whichever is shorter. The
 	// routes' upstreams are reached through [Options.InjectTransport].
-	// PROTOCOL.md, "Injection front", has the contract.
+	// PROTOCOL.md, "Injection front", has the contract. The session's own
+	// socket still serves the Policy to a client with the capability
+	// token: for a sandbox that holds no real credential, do not hand it
+	// the token ([Session.HandoffFile]), only the phantom.
 	Routes []Route
 }
 
