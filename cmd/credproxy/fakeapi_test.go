@@ -30,10 +30,12 @@ const (
 // (plain JSON) and "acme", an API behind an OAuth token, would; it notes
 // the credential each request carried. The streamed message sends each
 // text delta only once the client has acknowledged the one before
-// through /acme/ack, so it proves the events arrive one by one.
+// through /acme/ack, when paced, so it proves the events arrive one by
+// one.
 type fakeAPI struct {
 	*httptest.Server
-	acks chan int
+	paced bool // set before the first request
+	acks  chan int
 
 	mu       sync.Mutex
 	seen     map[string][]string // route → the credential header of each request
@@ -107,7 +109,8 @@ func (api *fakeAPI) credentials() (map[string][]string, []string) {
 }
 
 // messages streams a message as the Messages API does with
-// "stream": true, three text deltas, each after the last was acknowledged.
+// "stream": true, three text deltas, when paced each after the last was
+// acknowledged.
 func (api *fakeAPI) messages(w http.ResponseWriter, r *http.Request) {
 	api.note("anthropic", r.Header.Get("Authorization"), r.Header.Get("X-Api-Key"))
 	var req struct {
@@ -129,6 +132,9 @@ func (api *fakeAPI) messages(w http.ResponseWriter, r *http.Request) {
 	send("content_block_start", `{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}`)
 	for i, piece := range []string{"Hello", " from", " upstream"} {
 		send("content_block_delta", `{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"`+piece+`"}}`)
+		if !api.paced {
+			continue
+		}
 		select {
 		case n := <-api.acks:
 			if n != i {

@@ -54,6 +54,7 @@ func TestInjectWithOfficialSDKsInBubblewrap(t *testing.T) {
 	sdk := sdkModules(t)
 	caPEM, cert := testCA(t)
 	api := newFakeAPI(t, cert)
+	api.paced = true
 	tokens, refreshes := fakeTokenEndpoint(t, acmeRefresh, acmeFreshToken, acmeNewRefresh)
 
 	dir := t.TempDir()
@@ -228,4 +229,128 @@ func scanSandbox(t *testing.T, runPid int, needles []string) {
 		t.Errorf("a real credential %q is in the sandbox's files: %s", s, strings.Join(where, ", "))
 	}
 	t.Logf("scanned %d processes (%d MiB of memory) and %d files", len(pids), read>>20, files)
+}
+
+// The README's walk-through of run -inject, taken from README.md, runs as
+// written but for three things: its /tmp paths are under a directory of
+// the test's own, npm install is a copy of the SDK testdata/sdk pins (no
+// registry at test time), and the providers file (CREDPROXY_PROVIDERS)
+// points the anthropic route at a local upstream, as the built-in one
+// otherwise, with its CA. The SDK streams the upstream's message, and the
+// upstream gets the key the walk-through stores. Then the README's Podman
+// command runs the same app in a container of node and its libraries.
+func TestREADMEInjectWalkThroughRuns(t *testing.T) {
+	needTool(t, "bwrap", "bubblewrap")
+	needTool(t, "node", "nodejs")
+	sdk := sdkModules(t)
+	blocks := readmeBlocks(t, "### Injection: run -inject and forward")
+	const install = "npm install --no-audit --no-fund @anthropic-ai/sdk"
+	if len(blocks) != 2 || !strings.Contains(blocks[0], install) || !strings.Contains(blocks[1], "podman run") {
+		t.Fatalf("the walk-through has changed; update this test:\n%s", strings.Join(blocks, "\n"))
+	}
+	tmp, err := os.MkdirTemp("", "cpr") // short: the session's socket paths live under it
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	local := func(script string) string { return strings.ReplaceAll(script, "/tmp/", tmp+"/") }
+
+	caPEM, cert := testCA(t)
+	api := newFakeAPI(t, cert)
+	caFile := filepath.Join(tmp, "ca.pem")
+	os.WriteFile(caFile, caPEM, 0o600)
+	anthropic := builtinInject["anthropic"]
+	anthropic.Upstream, anthropic.CAFile = api.URL, caFile
+	provs, _ := json.Marshal(map[string]any{"providers": map[string]any{"anthropic": map[string]any{"inject": anthropic}}})
+	providersFile := filepath.Join(tmp, "providers.json")
+	os.WriteFile(providersFile, provs, 0o600)
+	env := append(hostEnv(t), providersEnv+"="+providersFile, "PATH="+filepath.Dir(binary)+":"+os.Getenv("PATH"))
+
+	r := runBinary(t, "sh", env, "", nil, "-ec", strings.Replace(local(blocks[0]), install, "cp -R "+filepath.Join(sdk, "node_modules")+" .", 1))
+	if r.code != 0 || r.stdout != "Hello from upstream\n" {
+		t.Fatalf("the walk-through: %+v", r)
+	}
+	seen, problems := api.credentials()
+	if want := []string{"Bearer sk-ant-your-key"}; !slices.Equal(seen["anthropic"], want) || len(problems) > 0 {
+		t.Errorf("the upstream got %q (%q); want %q", seen["anthropic"], problems, want)
+	}
+
+	t.Run("podman", func(t *testing.T) {
+		needTool(t, "podman", "podman runc")
+		needRoot(t, "rootful Podman needs root")
+		image := nodeImage(t)
+		// This VM's rootful Podman needs the flags the other Podman tests pass.
+		podman := strings.Replace(local(blocks[1]), "podman run --rm", "podman --runtime runc --cgroup-manager cgroupfs run --rm "+
+			"--ulimit nofile=1024:1024 --ulimit nproc=1024:1024", 1)
+		r := runBinary(t, "sh", env, "", nil, "-ec", strings.Replace(podman, "IMAGE", image, 1))
+		if r.code != 0 || r.stdout != "Hello from upstream\n" {
+			t.Fatalf("the Podman command: %+v", r)
+		}
+	})
+}
+
+// nodeImage makes a container image holding node and the libraries it
+// loads, as ldd lists them, and nothing else.
+func nodeImage(t *testing.T) string {
+	t.Helper()
+	node, err := exec.LookPath("node")
+	if err != nil {
+		t.Fatal(err)
+	}
+	node, _ = filepath.EvalSymlinks(node)
+	out, err := exec.Command("ldd", node).Output()
+	if err != nil {
+		t.Fatalf("ldd %s: %v", node, err)
+	}
+	files := []string{node}
+	for _, f := range strings.Fields(string(out)) {
+		if strings.HasPrefix(f, "/") {
+			files = append(files, f)
+		}
+	}
+	tarball := filepath.Join(t.TempDir(), "node.tar")
+	// -h stores what the library links point to, under the links' names.
+	if out, err := exec.Command("tar", append([]string{"-chf", tarball, "-C", "/"}, relative(files)...)...).CombinedOutput(); err != nil {
+		t.Fatalf("tar: %v\n%s", err, out)
+	}
+	const image = "localhost/credproxy-node-test:latest"
+	if out, err := exec.Command("podman", "import", "-q", "--change", "ENV PATH="+filepath.Dir(node), tarball, image).CombinedOutput(); err != nil {
+		t.Fatalf("podman import: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("podman", "rmi", "-f", image).Run() })
+	return image
+}
+
+func relative(paths []string) []string {
+	out := make([]string, len(paths))
+	for i, p := range paths {
+		out[i] = strings.TrimPrefix(p, "/")
+	}
+	return out
+}
+
+// readmeBlocks returns the sh code blocks of the README.md section that
+// starts with the line heading, up to the next heading of its level.
+func readmeBlocks(t *testing.T, heading string) []string {
+	t.Helper()
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "\n"+heading+"\n")
+	if !ok {
+		t.Fatalf("README.md has no %q", heading)
+	}
+	level, _, _ := strings.Cut(heading, " ")
+	section, _, _ = strings.Cut(section, "\n"+level+" ")
+	var blocks []string
+	for {
+		_, rest, ok := strings.Cut(section, "```sh\n")
+		if !ok {
+			return blocks
+		}
+		block, after, _ := strings.Cut(rest, "\n```\n")
+		blocks = append(blocks, block+"\n")
+		section = after
+	}
 }
