@@ -56,7 +56,7 @@ const forwardExample = `  # On the host: run sets LLXPRT_INJECT_SOCKET, LLXPRT_I
     bwrap --unshare-all --die-with-parent --cap-drop ALL --ro-bind /usr /usr --symlink usr/lib /lib \
       --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev \
       --ro-bind /tmp/cp-sandbox /tmp/cp-sandbox --ro-bind "$(command -v credproxy)" /credproxy \
-      -- /credproxy forward -- sh -c 'curl -sS "$ANTHROPIC_BASE_URL/v1/models" -H "x-api-key: $ANTHROPIC_API_KEY"'`
+      -- /credproxy forward -- sh -c 'curl -sS "$ANTHROPIC_BASE_URL/v1/models" -H "Authorization: Bearer $ANTHROPIC_API_KEY"'`
 
 func forwardCommand(args []string, std stdio) int {
 	withCmd := slices.Contains(args, "--")
