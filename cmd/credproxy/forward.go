@@ -99,13 +99,15 @@ func forwardCommand(args []string, std stdio) int {
 		}
 	}()
 	if !withCmd {
-		fmt.Fprintf(std.out, "%s=%s\n", injectAddrEnv, ln.Addr())
+		// Caught before the address is printed: a launcher may signal
+		// forward as soon as it has read it.
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 		defer stop()
+		fmt.Fprintf(std.out, "%s=%s\n", injectAddrEnv, ln.Addr())
 		<-ctx.Done()
 		return 0
 	}
-	return f.runCommand(fs.Args(), ln.Addr().String(), std)
+	return forwardedCommand(fs.Args(), ln.Addr().String(), std)
 }
 
 // forwardAddr is the address forward listens on: flag, else
@@ -126,10 +128,10 @@ func forwardAddr(flag string) (string, error) {
 	return addr, nil
 }
 
-// runCommand starts CMD (args) with LLXPRT_INJECT_ADDR set to addr and
+// forwardedCommand starts CMD (args) with LLXPRT_INJECT_ADDR set to addr and
 // descriptor 3 passed on when it holds the capability token, relays
 // signals to it, and returns the status forward exits with.
-func (f *forwarder) runCommand(args []string, addr string, std stdio) int {
+func forwardedCommand(args []string, addr string, std stdio) int {
 	inheritNothing()
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = std.in, std.out, std.err
