@@ -14,6 +14,12 @@
 // and ignores those it receives. The examples (ExampleServer_NewSession,
 // examples/quickstart) are the quickest way in.
 //
+// In injection mode ([SessionOptions].Routes) the sandbox holds no real
+// credential at all: a session also serves an HTTP front on a second
+// socket that forwards the sandbox's API calls to each provider with the
+// session's phantom credential ([Session.Phantom]) replaced by the real
+// one, refreshed on the host.
+//
 // Hosts keep real credentials in a [KeyringStore] ([OpenKeyringStore]): the
 // OS keyring, or by default an encrypted file store that works on any
 // machine. Code that runs both on the host and in a sandbox can call

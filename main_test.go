@@ -1,6 +1,7 @@
 package credproxy
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -65,8 +66,9 @@ func leakedGoroutines(wait time.Duration) string {
 
 // runPeerHelper is the body of a helper process started by the peer
 // credential tests under another uid. It connects to the socket, sends a
-// handshake and prints what came back: "closed after 0 bytes" when the
-// server hung up without answering, or the reply frame.
+// handshake (or, with CREDPROXY_TEST_PEER_HTTP set, an HTTP request) and
+// prints what came back: "closed after 0 bytes" when the server hung up
+// without answering, or the reply frame (the HTTP status line).
 func runPeerHelper(path string) int {
 	c, err := net.Dial("unix", path)
 	if err != nil {
@@ -76,8 +78,19 @@ func runPeerHelper(path string) int {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	// The write may fail if the server has already closed the connection.
-	_ = writeFrame(c, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`))
-	frame, err := readFrame(c, nil)
+	var frame []byte
+	if os.Getenv("CREDPROXY_TEST_PEER_HTTP") != "" {
+		_, _ = io.WriteString(c, "GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+		var line string
+		line, err = bufio.NewReader(c).ReadString('\n')
+		frame = []byte(strings.TrimSpace(line))
+		if err == io.EOF && line != "" {
+			err = nil
+		}
+	} else {
+		_ = writeFrame(c, []byte(`{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}`))
+		frame, err = readFrame(c, nil)
+	}
 	switch {
 	case err == io.EOF || errors.Is(err, syscall.ECONNRESET):
 		fmt.Println("closed after 0 bytes")

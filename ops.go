@@ -24,20 +24,10 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 		if err != nil {
 			return s.storeFailure(ctx, op, a, err, "token not found")
 		}
-		if s.refresh.due(a.provider, tok) {
-			fresh, err := s.refresh.beforeServe(ctx, a.provider, a.bucket, tok)
-			switch {
-			case err == nil:
-				tok = fresh
-			case validFor(tok, time.Now()) > 0:
-				s.log.Debug("credproxy: serving the stored token; refresh before get_token failed",
-					"provider", a.provider, "bucket", a.bucket, "err", err)
-			default:
-				return s.refreshFailure(ctx, op, a, err)
-			}
+		if tok, err = s.tokenToServe(ctx, a.provider, a.bucket, tok); err != nil {
+			return s.refreshFailure(ctx, op, a, err)
 		}
-		s.refresh.watch(a.provider, a.bucket, tok, false)
-		ss.noteServed(a.provider, a.bucket, tok)
+		s.tokenServed(ss, a.provider, a.bucket, tok)
 		return result{data: tok.appendSanitised(dst)}
 
 	case OpSaveToken:
@@ -126,6 +116,34 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 		return result{data: tok.appendSanitised(dst)}
 	}
 	return failure(CodeInvalidRequest, "unknown operation")
+}
+
+// tokenToServe returns stored, the token of provider and bucket that
+// get_token (or the injection front) is about to serve, refreshed first
+// if it expires within the margin and can be refreshed. If that refresh
+// fails, stored is served while it is still valid; the error is returned
+// only for a token that has expired.
+func (s *Server) tokenToServe(ctx context.Context, provider, bucket string, stored Token) (Token, error) {
+	if !s.refresh.due(provider, stored) {
+		return stored, nil
+	}
+	fresh, err := s.refresh.beforeServe(ctx, provider, bucket, stored)
+	switch {
+	case err == nil:
+		return fresh, nil
+	case validFor(stored, time.Now()) > 0:
+		s.log.Debug("credproxy: serving the stored token; refresh before get_token failed",
+			"provider", provider, "bucket", bucket, "err", err)
+		return stored, nil
+	}
+	return Token{}, err
+}
+
+// tokenServed records that session ss was given tok: its renewal is
+// scheduled, and refresh_token knows which token the session holds.
+func (s *Server) tokenServed(ss *Session, provider, bucket string, tok Token) {
+	s.refresh.watch(provider, bucket, tok, false)
+	ss.noteServed(provider, bucket, tok)
 }
 
 // maxSavedToken bounds the JSON of a token a client saves, merged with the

@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"log/slog"
+	"net/http"
 	"time"
 )
 
@@ -114,6 +115,18 @@ type Options struct {
 	// its lifetime) - up to 30 s of jitter) and again after each renewal,
 	// until Shutdown or Close. Nothing about it is persisted.
 	DisableRenewal bool
+
+	// InjectTransport is how sessions' injection fronts
+	// ([SessionOptions].Routes) reach their upstreams. Each session uses
+	// a clone of it when it is an *http.Transport, so that its upstream
+	// connections close with it; any other RoundTripper is shared as it
+	// is. Whatever it is, redirects are passed to the sandbox, never
+	// followed. Nil means a transport of the session's own: TLS 1.2 or
+	// later with the system's roots, HTTP/2 where the upstream offers it,
+	// no proxy from the environment, and the sandbox's Accept-Encoding
+	// as sent. Tests set one that trusts their own CA; setting it also
+	// allows http upstreams on loopback IP addresses.
+	InjectTransport http.RoundTripper
 }
 
 func setDefault[T int | time.Duration](v *T, def T) {

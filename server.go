@@ -304,10 +304,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for c := range s.conns {
 		c.rwc.SetReadDeadline(aLongTimeAgo)
 	}
+	fronts := s.frontsLocked()
 	s.mu.Unlock()
 
+	// The injection fronts shut down as http.Server does, each at its
+	// pace; ctx ending closes them with the rest.
+	var frontsDone sync.WaitGroup
+	for _, f := range fronts {
+		frontsDone.Go(func() { f.shutdown(ctx) })
+	}
 	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
+	go func() { frontsDone.Wait(); s.wg.Wait(); close(done) }()
 	select {
 	case <-done:
 		s.cancel()
@@ -343,6 +350,9 @@ func (s *Server) endSessions() {
 	s.mu.Unlock()
 	for _, ss := range ended {
 		ss.cancel()
+		if ss.inject != nil {
+			ss.inject.close() // closed already; this waits for it
+		}
 		ss.removeDir()
 		s.logUnlogged(ss)
 	}
@@ -369,14 +379,29 @@ func (s *Server) Close() error {
 	for c := range s.conns {
 		c.rwc.Close()
 	}
+	fronts := s.frontsLocked()
 	s.mu.Unlock()
 	// Cancel after closing, so that no answer to a cancelled request
 	// reaches a peer: its connection is already gone.
 	s.cancel()
+	for _, f := range fronts {
+		f.close()
+	}
 	s.wg.Wait()
 	s.refresh.close()
 	s.endSessions()
 	return err
+}
+
+// frontsLocked returns the injection fronts of the open sessions.
+func (s *Server) frontsLocked() []*injectFront {
+	var fronts []*injectFront
+	for ss := range s.sessions {
+		if ss.inject != nil {
+			fronts = append(fronts, ss.inject)
+		}
+	}
+	return fronts
 }
 
 func (s *Server) closeListenersLocked() error {

@@ -43,7 +43,8 @@ type SessionOptions struct {
 	Policy Policy
 
 	// Dir is the session's own directory: it holds the session's socket
-	// and nothing else, and is what a launcher mounts into the sandbox
+	// (and, with Routes, the injection front's) and nothing else, and is
+	// what a launcher mounts into the sandbox
 	// (read-only is enough to connect). It must not exist, or be an empty
 	// directory owned by this process's uid with mode 0700; every
 	// directory above it must be owned by root or this uid and not be
@@ -75,6 +76,29 @@ type SessionOptions struct {
 	// when its Policy allows writes at all. Zero means 16; negative means
 	// no cap.
 	MaxNewTokens int
+
+	// Routes, when not empty, give the session an injection front as
+	// well: an HTTP/1.1 server on a second socket, "inject.sock" in Dir
+	// ([Session.InjectSocketPath]), that forwards /<Name>/... to each
+	// route's upstream with the session's phantom credential
+	// ([Session.Phantom]) replaced by the real one, so that the sandbox
+	// never holds a real credential. Each request must carry the phantom
+	// where its route's Header says (401 if not), name a route (404) and
+	// keep to the route's Methods and PathPrefixes (403); the session's
+	// Policy is asked, as for get_token or get_api_key, before each
+	// credential is read, and a [*Grant] must allow every route when the
+	// session starts. Tokens are read and refreshed as get_token does;
+	// after a 401 from the upstream, a token route's request is retried
+	// once with a token refreshed on the host, as refresh_token does for
+	// the session, if its body was at most 1 MiB. The front has its own
+	// connection cap, MaxConnections, and closes keep-alive connections
+	// idle for IdleTimeout or 2 minutes, whichever is shorter. The
+	// routes' upstreams are reached through [Options.InjectTransport].
+	// PROTOCOL.md, "Injection front", has the contract. The session's own
+	// socket still serves the Policy to a client with the capability
+	// token: for a sandbox that holds no real credential, do not hand it
+	// the token ([Session.HandoffFile]), only the phantom.
+	Routes []Route
 }
 
 // Session is one sandbox's way in to a [Server]: its own socket, in a
@@ -100,6 +124,8 @@ type Session struct {
 	cancel   context.CancelFunc
 	limiter  *connLimiter // the session's rate budget; nil: none
 	refusals *refusalLog
+	phantom  Secret       // see Phantom
+	inject   *injectFront // nil: no routes
 
 	maxConns    int
 	idleTimeout time.Duration
@@ -181,10 +207,18 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 	if opts.RateBurst == 0 {
 		opts.RateBurst = max(1, int(min(opts.RateLimit+0.999999, 1<<30)))
 	}
+	var routes map[string]*route
+	if len(opts.Routes) > 0 {
+		var err error
+		if routes, err = compileRoutes(opts.Routes, opts.Policy, s.opts.InjectTransport != nil); err != nil {
+			return nil, err
+		}
+	}
 
 	sess := s.newSession(opts.Policy, randomHex(4))
 	sess.token = Secret(randomHex(32))
 	sess.digest = capabilityDigest(string(sess.token))
+	sess.phantom = Secret(phantomPrefix + randomHex(24))
 	sess.maxConns = opts.MaxConnections
 	sess.idleTimeout = opts.IdleTimeout
 	sess.maxNew = int64(opts.MaxNewTokens)
@@ -200,8 +234,19 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 		sess.cancel()
 		return nil, err
 	}
+	if routes != nil {
+		if sess.inject, err = sess.newInjectFront(routes); err != nil {
+			ln.Close()
+			sess.removeDir()
+			sess.cancel()
+			return nil, err
+		}
+	}
 	if !s.trackSession(sess, ln) {
 		ln.Close()
+		if sess.inject != nil {
+			sess.inject.close()
+		}
 		sess.removeDir()
 		sess.cancel()
 		return nil, ErrServerClosed
@@ -211,7 +256,16 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 		defer sess.accepting.Done()
 		s.serve(ln, sess)
 	})
-	s.log.Info("credproxy: session started", "session", sess.id, "socket", sess.socket, "grant", policyString(sess.policy))
+	attrs := []any{"session", sess.id, "socket", sess.socket, "grant", policyString(sess.policy)}
+	if f := sess.inject; f != nil {
+		sess.accepting.Add(1)
+		s.wg.Go(func() {
+			defer sess.accepting.Done()
+			f.serve()
+		})
+		attrs = append(attrs, "inject", f.path, "routes", routeNames(routes))
+	}
+	s.log.Info("credproxy: session started", attrs...)
 	return sess, nil
 }
 
@@ -282,10 +336,11 @@ func (ss *Session) GoString() string { return ss.String() }
 // Format prints String for every verb, so no verb reaches the token.
 func (ss *Session) Format(f fmt.State, _ rune) { io.WriteString(f, ss.String()) }
 
-// Close ends the session: it closes its listener and every one of its
-// connections (requests in flight are cancelled and get no answer),
-// removes its socket and the directory it created, and invalidates its
-// token. It returns once the session's goroutines have exited. Close may
+// Close ends the session: it closes its listeners and every one of its
+// connections (requests in flight are cancelled and get no answer, those
+// through the injection front included), removes its sockets and the
+// directory it created, and invalidates its capability token and its
+// phantom. It returns once the session's goroutines have exited. Close may
 // be called more than once; the server and its other sessions go on.
 func (ss *Session) Close() error {
 	s := ss.srv
@@ -298,6 +353,9 @@ func (ss *Session) Close() error {
 	}
 	s.mu.Unlock()
 	ss.cancel()
+	if ss.inject != nil {
+		ss.inject.close()
+	}
 	ss.accepting.Wait()
 	ss.live.Wait()
 	if first {

@@ -86,7 +86,8 @@ func dirEmpty(dir string) bool {
 }
 
 // listen listens on the session's socket, llxprt-cred-{pid}-{nonce}.sock
-// in its directory, which holds nothing else.
+// in its directory, which holds nothing else but, with routes, the
+// injection front's socket.
 func (ss *Session) listen() (*net.UnixListener, error) {
 	path := filepath.Join(ss.dir, fmt.Sprintf("llxprt-cred-%d-%s.sock", os.Getpid(), randomHex(4)))
 	if err := checkSocketPathLen(path); err != nil {
@@ -100,12 +101,19 @@ func (ss *Session) listen() (*net.UnixListener, error) {
 	return l, nil
 }
 
-// removeDir removes what is left of the session's socket file and the
+// removeDir removes what is left of the session's socket files and the
 // directory, if the session created it.
 func (ss *Session) removeDir() {
-	if ss.socket != "" {
-		if fi, err := os.Lstat(ss.socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			os.Remove(ss.socket)
+	sockets := []string{ss.socket}
+	if ss.inject != nil {
+		sockets = append(sockets, ss.inject.path)
+	}
+	for _, path := range sockets {
+		if path == "" {
+			continue
+		}
+		if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			os.Remove(path)
 		}
 	}
 	if ss.madeDir {

@@ -13,8 +13,9 @@ import (
 
 // Issue 15, item 5: the session directories and sockets a killed proxy
 // left in the per-user socket directory are removed when the next session
-// starts there, but only those that do not answer: a live session of
-// another server is left alone, and so is an empty directory too young to
+// starts there (an injection front's socket with the session's), but only
+// those that do not answer: a live session of another server is left
+// alone, and so is an empty directory too young to
 // be abandoned (another proxy may be creating its session in it).
 func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 	t.Setenv("TMPDIR", testSocketDir(t))
@@ -31,7 +32,8 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.Close()
-	live, err := other.NewSession(SessionOptions{Policy: &Grant{}})
+	live, err := other.NewSession(SessionOptions{Policy: &Grant{Keys: []string{"k"}},
+		Routes: []Route{{Name: "k", Upstream: "https://api.example.com", Key: "k"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,6 +41,7 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 	// nothing listens on, a bare stale socket, and an old empty directory.
 	dead := filepath.Join(base, "session-deadbeef")
 	deadSock := filepath.Join(dead, "llxprt-cred-1-deadbeef.sock")
+	deadInject := filepath.Join(dead, "inject.sock")
 	bareSock := filepath.Join(base, "llxprt-cred-1-cafebabe.sock")
 	oldEmpty := filepath.Join(base, "session-0ldd1r00")
 	young := filepath.Join(base, "session-y0un9d1r")
@@ -47,7 +50,7 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, p := range []string{deadSock, bareSock} {
+	for _, p := range []string{deadSock, deadInject, bareSock} {
 		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: p, Net: "unix"})
 		if err != nil {
 			t.Fatal(err)
@@ -56,7 +59,7 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 		l.Close()
 	}
 	long := time.Now().Add(-time.Hour)
-	for _, p := range []string{oldEmpty, deadSock, bareSock} {
+	for _, p := range []string{oldEmpty, deadSock, deadInject, bareSock} {
 		os.Chtimes(p, long, long)
 	}
 
@@ -75,7 +78,7 @@ func TestNewSessionRemovesWhatAKilledProxyLeft(t *testing.T) {
 			t.Errorf("%s is still there (%v)", gone, err)
 		}
 	}
-	for _, kept := range []string{live.Dir(), live.SocketPath(), young} {
+	for _, kept := range []string{live.Dir(), live.SocketPath(), live.InjectSocketPath(), young} {
 		if _, err := os.Lstat(kept); err != nil {
 			t.Errorf("%s was removed: %v", kept, err)
 		}

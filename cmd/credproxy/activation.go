@@ -20,6 +20,10 @@ func (p *proxyFlags) serveActivated(ctx context.Context, ln net.Listener, path s
 		ln.Close()
 		return usageError("-session-dir has no use when systemd passes the socket: serve makes no session then; drop the flag, or the socket unit")
 	}
+	if len(p.inject) > 0 {
+		ln.Close()
+		return usageError("-inject needs a session, and serve makes none when systemd passes the socket: use 'credproxy run -inject', or serve without socket activation")
+	}
 	srv, store, err := p.newServer(ctx, std, &p.grant)
 	if err != nil {
 		ln.Close()

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strconv"
 
+	"github.com/credproxy/credproxy"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,4 +31,23 @@ func inheritNothing() {
 			unix.CloseOnExec(fd)
 		}
 	}
+}
+
+// capabilityFile returns descriptor 3 when LLXPRT_CAPABILITY_FD says it
+// holds the session's capability token and it is a pipe or a file, as the
+// client requires, so that a wrapper (forward) can pass it on to its
+// command; else nil. Descriptor 3 is checked because the Go runtime may
+// have put one of its own there when none was inherited.
+func capabilityFile() *os.File {
+	if os.Getenv(credproxy.CapabilityFDEnv) == "" {
+		return nil
+	}
+	var st unix.Stat_t
+	if unix.Fstat(3, &st) != nil {
+		return nil
+	}
+	if mode := st.Mode & unix.S_IFMT; mode != unix.S_IFREG && mode != unix.S_IFIFO {
+		return nil
+	}
+	return os.NewFile(3, "capability token")
 }

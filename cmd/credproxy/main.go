@@ -38,6 +38,7 @@ const usage = `credproxy hands credentials to a sandboxed program, without the r
 Usage:
   credproxy run [flags] -- CMD [ARGS...]   run CMD with a credential proxy session beside it
   credproxy serve [flags]                  serve one session until SIGINT, SIGTERM or SIGHUP
+  credproxy forward [-listen ADDR] [-- CMD] in a sandbox: relay its loopback port to the injecting front
   credproxy token get|set|rm|ls [ARGS]     manage OAuth tokens
   credproxy key get|set|rm|ls [ARGS]       manage API keys
   credproxy login PROVIDER [BUCKET]        log in to a provider on the host, store the token
@@ -92,6 +93,8 @@ func mainWith(args []string, std stdio) int {
 		return runCommand(ctx, args, std)
 	case "serve":
 		err = serveCommand(ctx, args, std)
+	case "forward":
+		return forwardCommand(args, std)
 	case "token":
 		err = tokenCommand(ctx, args, std)
 	case "key":
@@ -106,7 +109,7 @@ func mainWith(args []string, std stdio) int {
 		err = versionCommand(args, std)
 	case "help", "-h", "-help", "--help":
 		switch {
-		case len(args) > 0 && slices.Contains([]string{"run", "serve", "token", "key", "login", "logout", "providers", "version"}, args[0]):
+		case len(args) > 0 && slices.Contains([]string{"run", "serve", "forward", "token", "key", "login", "logout", "providers", "version"}, args[0]):
 			return mainWith([]string{args[0], "-help"}, std)
 		case len(args) > 0:
 			return report(usageError("no command %q; run 'credproxy help'", args[0]), std)

@@ -15,7 +15,6 @@ import (
 	"regexp"
 	"runtime"
 	"slices"
-	"strings"
 
 	"github.com/credproxy/credproxy"
 	"golang.org/x/oauth2"
@@ -39,6 +38,10 @@ type provider struct {
 	RedirectURL     string   `json:"redirect_url,omitempty"`
 	Scopes          []string `json:"scopes,omitempty"`
 	AuthStyle       string   `json:"auth_style,omitempty"`
+
+	// Inject is how run -inject routes the sandbox's SDK to the
+	// provider's API (inject.go); nil for the built-in member, if any.
+	Inject *injectConfig `json:"inject,omitempty"`
 
 	name string
 }
@@ -73,7 +76,9 @@ a registered one); device_auth_url for 'login -device' on a machine with no
 browser; revocation_url (RFC 7009) for 'logout'. auth_style is "header"
 (HTTP Basic) or "params" (client_id in the form); by default "header" with a
 secret and "params" without. Every URL is https, or http on a loopback
-address.`
+address.
+
+` + injectHelp
 
 // providersPath is the providers file the commands read: flag if set, else
 // CREDPROXY_PROVIDERS, else providers.json in the config directory. named
@@ -180,6 +185,14 @@ func (pv *provider) check() error {
 	if !providerName.MatchString(pv.name) {
 		return errors.New("a provider name must match ^[A-Za-z0-9._@-]{1,64}$, as store names do")
 	}
+	if pv.Inject != nil {
+		if err := pv.Inject.check(); err != nil {
+			return err
+		}
+		if !pv.oauth() {
+			return nil // an entry for injection only
+		}
+	}
 	if pv.ClientID == "" {
 		return errors.New("client_id is missing")
 	}
@@ -208,6 +221,14 @@ func (pv *provider) check() error {
 		return fmt.Errorf("auth_style is %q; use \"header\" or \"params\"", pv.AuthStyle)
 	}
 	return nil
+}
+
+// oauth reports whether the entry says anything of OAuth; one that does
+// not is for injection only (an inject member with an API key), and needs
+// no client_id or token_url.
+func (pv *provider) oauth() bool {
+	return pv.ClientID != "" || pv.ClientSecret != "" || pv.ClientSecretKey != "" || pv.AuthURL != "" || pv.TokenURL != "" ||
+		pv.DeviceAuthURL != "" || pv.RevocationURL != "" || pv.RedirectURL != "" || len(pv.Scopes) > 0 || pv.AuthStyle != ""
 }
 
 // checkEndpoint accepts "" (not offered), https, and http on a loopback
@@ -308,6 +329,9 @@ func (p providers) refreshers(ctx context.Context, st credproxy.Store) (map[stri
 	out := make(map[string]credproxy.Refresher, len(p.byName))
 	for _, name := range p.names() {
 		pv := p.byName[name]
+		if pv.TokenURL == "" {
+			continue // for injection only
+		}
 		secret, err := pv.clientSecret(ctx, st)
 		if err != nil {
 			return nil, err
@@ -334,31 +358,4 @@ func (p providers) exceptClientSecrets(grant *credproxy.Grant) error {
 		grant.ExceptKeys = append(grant.ExceptKeys, k)
 	}
 	return nil
-}
-
-// describe is how a provider is listed: its endpoints and client, never
-// its secret.
-func (pv *provider) describe() string {
-	var flows []string
-	if pv.AuthURL != "" {
-		flows = append(flows, "browser")
-	}
-	if pv.DeviceAuthURL != "" {
-		flows = append(flows, "device")
-	}
-	if len(flows) == 0 {
-		flows = append(flows, "none")
-	}
-	secret := "public client"
-	switch {
-	case pv.ClientSecretKey != "":
-		secret = "secret in key " + pv.ClientSecretKey
-	case pv.ClientSecret != "":
-		secret = "secret in the file"
-	}
-	revoke := "no revocation"
-	if pv.RevocationURL != "" {
-		revoke = "revocation"
-	}
-	return fmt.Sprintf("client %s (%s), token %s, login: %s, %s", pv.ClientID, secret, pv.TokenURL, strings.Join(flows, "+"), revoke)
 }

@@ -161,3 +161,47 @@ func reauthHint(std stdio) func(credproxy.RefreshEvent) {
 		}
 	}
 }
+
+// describe is how a provider is listed: its endpoints and client, never
+// its secret, and where it injects.
+func (pv *provider) describe() string {
+	inject := ""
+	if c := pv.Inject; c != nil {
+		cred := "its token"
+		if c.Key != "" {
+			cred = "API key " + c.Key
+		}
+		inject = fmt.Sprintf("inject %s to %s", cred, c.Upstream)
+		if !pv.oauth() {
+			return inject
+		}
+		inject = ", " + inject
+	}
+	return pv.describeOAuth() + inject
+}
+
+// describeOAuth is the OAuth half of describe.
+func (pv *provider) describeOAuth() string {
+	var flows []string
+	if pv.AuthURL != "" {
+		flows = append(flows, "browser")
+	}
+	if pv.DeviceAuthURL != "" {
+		flows = append(flows, "device")
+	}
+	if len(flows) == 0 {
+		flows = append(flows, "none")
+	}
+	secret := "public client"
+	switch {
+	case pv.ClientSecretKey != "":
+		secret = "secret in key " + pv.ClientSecretKey
+	case pv.ClientSecret != "":
+		secret = "secret in the file"
+	}
+	revoke := "no revocation"
+	if pv.RevocationURL != "" {
+		revoke = "revocation"
+	}
+	return fmt.Sprintf("client %s (%s), token %s, login: %s, %s", pv.ClientID, secret, pv.TokenURL, strings.Join(flows, "+"), revoke)
+}

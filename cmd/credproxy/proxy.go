@@ -6,13 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
-	"os/exec"
-	"os/signal"
-	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/credproxy/credproxy"
@@ -27,6 +24,10 @@ type proxyFlags struct {
 	sessionDir string
 	providers  string
 	verbose    bool
+	inject     []string
+	injectAddr string
+
+	injected *injection // what -inject asks for, once newServer has read the providers file
 }
 
 func (p *proxyFlags) register(fs *flag.FlagSet) {
@@ -46,6 +47,8 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
 	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist, or be empty with mode 0700 (default: a new directory in the per-user directory in the temp dir)")
 	fs.StringVar(&p.providers, "providers", "", "the providers `file`, whose tokens the host refreshes (default: $"+providersEnv+", else providers.json in the config directory; see 'credproxy providers -help')")
+	fs.Func("inject", "route the sandbox's SDK for this `provider` through the session's injecting front, which puts the real API key or token in (repeatable; see 'credproxy providers -help'); does not let the sandbox read the credential", appendTo(&p.inject))
+	fs.StringVar(&p.injectAddr, "inject-addr", defaultInjectAddr, "with -inject, the loopback `address` 'credproxy forward' listens on in the sandbox, as the base URLs given to CMD name it")
 	fs.BoolVar(&p.verbose, "v", false, "log every request (the audit log) on stderr, besides the refusals logged always")
 }
 
@@ -77,7 +80,12 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	if err != nil {
 		return nil, nil, err
 	}
-	sess, err = srv.NewSession(credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir})
+	opts := credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir}
+	if p.injected != nil {
+		opts.Policy = &injectPolicy{grant: &p.grant, routes: p.injected.routes}
+		opts.Routes = p.injected.routes
+	}
+	sess, err = srv.NewSession(opts)
 	if err != nil {
 		srv.Close()
 		store.Close()
@@ -107,6 +115,18 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 	if err := provs.exceptClientSecrets(&p.grant); err != nil {
 		return nil, nil, err
 	}
+	var injectTransport http.RoundTripper
+	if len(p.inject) > 0 {
+		if err := checkLoopbackAddr(p.injectAddr); err != nil {
+			return nil, nil, fmt.Errorf("-inject-addr: %w", err)
+		}
+		if p.injected, err = provs.injection(p.inject); err != nil {
+			return nil, nil, err
+		}
+		if injectTransport, err = p.injected.transport(); err != nil {
+			return nil, nil, err
+		}
+	}
 	store, err := p.openStore(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -123,6 +143,8 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 		Logger:      p.logger(std),
 		Refreshers:  refreshers,
 		OnRefresh:   reauthHint(std),
+
+		InjectTransport: injectTransport,
 	})
 	if err != nil {
 		store.Close()
@@ -175,208 +197,3 @@ func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, erro
 	}
 	return nil, usageError("-store must be keyring or memory, not %q", p.store)
 }
-
-const runSynopsis = `Usage: credproxy run [flags] -- CMD [ARGS...]
-
-Starts a credential proxy session for one sandbox and runs CMD with
-LLXPRT_CREDENTIAL_SOCKET set to the session's socket, and the session's
-capability token on file descriptor 3 (LLXPRT_CAPABILITY_FD=3). The socket is
-alone in the session's directory: mount that directory into the sandbox,
-read-only. The sandbox may read what the -allow flags name and nothing else,
-and may change nothing unless -allow-write is given; the grant is logged on
-stderr when the session starts, and every refused request is logged there too.
-The tokens of the providers in the providers file ('credproxy providers -help')
-are refreshed on the host, before they expire and when the sandbox asks, so a
-long-running sandbox keeps working past its first token's lifetime.
-
-CMD gets descriptors 0, 1 and 2 and the token's 3, and none of the others run
-inherited. run forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to CMD, except a
-Ctrl-C or Ctrl-\ from the terminal, which CMD gets from it directly; when CMD
-exits, run closes the session (its socket, directory and token stop working),
-shuts the proxy down (5 s at most) and exits with CMD's status. If the proxy cannot start, CMD is
-not started and run exits 125. On Linux CMD is killed if run dies, and a run
-that is PID 1 (a container's entrypoint) reaps the orphaned processes
-reparented to it, so that they do not linger as zombies.
-CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
-itself non-dumpable so that CMD cannot read it from /proc either.`
-
-const runExample = `  # A bubblewrap sandbox that sees the session's socket and nothing of the host's store:
-  credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
-    bwrap --unshare-all --die-with-parent --cap-drop ALL --ro-bind /usr /usr --symlink usr/lib /lib \
-      --symlink usr/lib64 /lib64 --symlink usr/bin /bin --proc /proc --dev /dev \
-      --ro-bind /tmp/cp-sandbox /tmp/cp-sandbox --ro-bind "$(command -v credproxy)" /credproxy \
-      -- /credproxy token get anthropic
-  # Podman: pass descriptor 3 and the two variables on, mount the directory read-only:
-  credproxy run -session-dir /tmp/cp-sandbox -allow-provider anthropic -- \
-    podman run --rm --network none --preserve-fds 1 --env LLXPRT_CREDENTIAL_SOCKET --env LLXPRT_CAPABILITY_FD \
-      -v /tmp/cp-sandbox:/tmp/cp-sandbox:ro IMAGE /credproxy token get anthropic`
-
-func runCommand(ctx context.Context, args []string, std stdio) int {
-	fs := newFlags("run", runSynopsis, runExample, std)
-	var p proxyFlags
-	p.register(fs)
-	if err := parseProxyFlags(fs, args); err != nil {
-		return reportRun(err, std)
-	}
-	if fs.NArg() == 0 {
-		return reportRun(usageError("run needs a command: credproxy run [flags] -- CMD [ARGS...]"), std)
-	}
-	if err := protectProcess(); err != nil {
-		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", err)
-		return exitNoProxy
-	}
-	if err := p.checkReaping(); err != nil {
-		return reportRun(err, std)
-	}
-	inheritNothing()
-	sess, stop, err := p.start(ctx, std)
-	if err != nil {
-		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", message(err))
-		return exitNoProxy
-	}
-	handoff, err := sess.HandoffFile()
-	if err != nil {
-		stop()
-		fmt.Fprintln(std.err, "credproxy: cannot start the proxy, so the command was not started:", message(err))
-		return exitNoProxy
-	}
-
-	cmd := exec.Command(fs.Arg(0), fs.Args()[1:]...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = std.in, std.out, std.err
-	cmd.ExtraFiles = []*os.File{handoff} // descriptor 3
-	cmd.SysProcAttr = commandAttr()
-	cmd.Env = append(withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv),
-		sess.Environ()...)
-	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGHUP)
-	defer signal.Stop(signals)
-	err = cmd.Start()
-	handoff.Close()
-	if err != nil {
-		stop()
-		return reportStart(err, std)
-	}
-	waited := make(chan int, 1)
-	go func() { waited <- waitCommand(cmd, std) }()
-	var status int
-	for done := false; !done; {
-		select {
-		case sig := <-signals:
-			if !terminalSentToo(sig, cmd.Process.Pid) { // one Ctrl-C must reach CMD once
-				cmd.Process.Signal(sig)
-			}
-		case status = <-waited:
-			done = true
-		}
-	}
-	if err := stop(); err != nil {
-		fmt.Fprintln(std.err, "credproxy: shutting the proxy down:", err)
-	}
-	return status
-}
-
-// exitStatus is the status run exits with for CMD's end, as cmd.Wait
-// reported it (err): see waitStatusCode.
-func exitStatus(cmd *exec.Cmd, err error, std stdio) int {
-	if cmd.ProcessState == nil {
-		fmt.Fprintln(std.err, "credproxy:", err)
-		return exitError
-	}
-	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
-		return waitStatusCode(ws)
-	}
-	return cmd.ProcessState.ExitCode()
-}
-
-// waitStatusCode is the status run exits with for CMD's wait status: its
-// exit code, or 128 plus the signal that killed it, as shells report it.
-func waitStatusCode(ws syscall.WaitStatus) int {
-	if ws.Signaled() {
-		return exitSignalBase + int(ws.Signal())
-	}
-	return ws.ExitStatus()
-}
-
-// withoutEnv returns env without the variables called names.
-func withoutEnv(env []string, names ...string) []string {
-	kept := env[:0:0]
-	for _, kv := range env {
-		name, _, _ := strings.Cut(kv, "=")
-		if !slices.Contains(names, name) {
-			kept = append(kept, kv)
-		}
-	}
-	return kept
-}
-
-const serveSynopsis = `Usage: credproxy serve [flags]
-
-Serves one credential proxy session until SIGINT, SIGTERM or SIGHUP, then
-closes it, shuts down gracefully and removes the socket. Stdout gets two lines:
-LLXPRT_CREDENTIAL_SOCKET=<path> and LLXPRT_CAPABILITY_TOKEN=<token>. Hand the
-token to the sandboxed program on its file descriptor 3, as the 64 characters
-and a newline (with LLXPRT_CAPABILITY_FD=3), never in its environment or
-arguments, and mount the socket's directory, read-only. Unlike run, serve
-cannot keep its own environment (the store password, say) from the sandbox:
-start the sandbox with a clean one. Logs go to stderr. As with run, the
-tokens of the providers in the providers file are refreshed on the host. serve makes itself
-non-dumpable, as run does.
-
-Started by systemd socket activation (LISTEN_PID and LISTEN_FDS; the README
-has a user unit pair), serve serves the one listening Unix socket systemd
-passes instead, prints nothing on stdout, and on SIGINT, SIGTERM or SIGHUP
-shuts down and leaves the socket to systemd; -session-dir does not apply.
-There is no session and no capability token then: every process that can
-connect to the socket gets the grant. The boundary is the socket's
-permissions (SocketMode=0600, in a directory only its user can reach:
-DirectoryMode=0700) and the peer-uid check, so mount the socket's directory
-only into sandboxes of that user, and start a serve of its own, with a
-socket of its own, for each grant. serve warns if the socket's mode lets
-other users connect.`
-
-const serveExample = `  coproc CP { exec credproxy serve -allow-provider anthropic; }   # exec: $CP_PID is serve
-  read -r sock <&"${CP[0]}"; read -r tok <&"${CP[0]}"
-  sock=${sock#*=}
-  bwrap --unshare-all --die-with-parent --cap-drop ALL --clearenv ... \
-    --ro-bind "$(dirname "$sock")" "$(dirname "$sock")" \
-    --setenv LLXPRT_CREDENTIAL_SOCKET "$sock" --setenv LLXPRT_CAPABILITY_FD 3 \
-    -- agent 3<<<"${tok#*=}"     # bash 5.1 and later: a pipe, not a file
-  kill "$CP_PID"; wait "$CP_PID"  # closes the session`
-
-func serveCommand(ctx context.Context, args []string, std stdio) error {
-	fs := newFlags("serve", serveSynopsis, serveExample, std)
-	var p proxyFlags
-	p.register(fs)
-	if err := parseProxyFlags(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usageError("serve takes no arguments; did you mean 'credproxy run -- %s'?", strings.Join(fs.Args(), " "))
-	}
-	if err := protectProcess(); err != nil {
-		return err
-	}
-	// SIGHUP too: a terminal closing or a shell logging out must not
-	// leave the socket and session directory behind.
-	ctx, cancel := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer cancel()
-	ln, path, err := systemdListener()
-	if err != nil {
-		return err
-	}
-	if ln != nil {
-		return p.serveActivated(ctx, ln, path, std)
-	}
-	sess, stop, err := p.start(ctx, std)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(std.out, "%s=%s\n%s=%s\n", credproxy.SocketEnv, sess.SocketPath(), capabilityTokenLine, string(sess.CapabilityToken()))
-	<-ctx.Done()
-	return stop()
-}
-
-// capabilityTokenLine names the token in serve's output, as the reference
-// implementation's launcher names it. Clients do not read it from their
-// environment: it goes to them on descriptor 3.
-const capabilityTokenLine = "LLXPRT_CAPABILITY_TOKEN"
