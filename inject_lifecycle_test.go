@@ -331,3 +331,21 @@ func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 		t.Errorf("no refusal logged:\n%s", logs)
 	}
 }
+
+// Server.Shutdown does not wait for a connection to the front that has
+// sent nothing (net/http alone would wait 5 s for it).
+func TestInjectShutdownDoesNotWaitForSilentConnections(t *testing.T) {
+	up := newUpstream(t, nil)
+	srv, _ := injectServer(t, injectStore(t), Options{})
+	sess := injectSession(t, srv, tokenRoute(up))
+	silent, err := net.Dial("unix", sess.InjectSocketPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	waitUntil(t, func() bool { sess.inject.mu.Lock(); defer sess.inject.mu.Unlock(); return len(sess.inject.fresh) == 1 })
+	start := time.Now()
+	if err := srv.Shutdown(t.Context()); err != nil || time.Since(start) > 2*time.Second {
+		t.Errorf("Shutdown: %v after %v, want nil at once", err, time.Since(start))
+	}
+}
