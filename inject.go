@@ -87,8 +87,10 @@ type injectFront struct {
 
 	mu       sync.Mutex
 	conns    int
-	closed   bool           // no handler may start
-	handlers sync.WaitGroup // running handlers
+	fresh    map[net.Conn]struct{} // connections that have sent no request yet
+	stopping bool                  // shutting down: fresh connections are closed
+	closed   bool                  // no handler may start
+	handlers sync.WaitGroup        // running handlers
 }
 
 // newInjectFront listens on inject.sock in the session's directory, for
@@ -113,6 +115,7 @@ func (ss *Session) newInjectFront(routes map[string]*route) (*injectFront, error
 		ctx:      ctx,
 		cancel:   cancel,
 		maxConns: ss.maxConns,
+		fresh:    make(map[net.Conn]struct{}),
 	}
 	f.transport, f.closeIdle = sessionTransport(s.opts.InjectTransport)
 	errLog := log.New(&logWriter{s.log}, "", 0)
@@ -135,6 +138,7 @@ func (ss *Session) newInjectFront(routes map[string]*route) (*injectFront, error
 		MaxHeaderBytes:    injectMaxHeaderBytes,
 		IdleTimeout:       idle,
 		ErrorLog:          errLog,
+		ConnState:         f.connState,
 		BaseContext:       func(net.Listener) context.Context { return f.ctx },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			if ic, ok := c.(*injectConn); ok {
@@ -208,10 +212,34 @@ func (f *injectFront) close() {
 }
 
 // shutdown stops accepting, lets the requests in flight finish (until
-// ctx ends) and then closes the front.
+// ctx ends) and then closes the front. Connections that have not sent a
+// request yet are closed at once, as idle ones are: net/http would wait
+// 5 s for them.
 func (f *injectFront) shutdown(ctx context.Context) {
+	f.mu.Lock()
+	f.stopping = true
+	fresh := slices.Collect(maps.Keys(f.fresh))
+	f.mu.Unlock()
+	for _, c := range fresh {
+		c.Close() // not under f.mu, which its Close takes
+	}
 	f.http.Shutdown(ctx)
 	f.close()
+}
+
+// connState keeps track of the connections that have sent no request.
+func (f *injectFront) connState(c net.Conn, state http.ConnState) {
+	f.mu.Lock()
+	stopping := f.stopping
+	if state == http.StateNew && !stopping {
+		f.fresh[c] = struct{}{}
+	} else {
+		delete(f.fresh, c)
+	}
+	f.mu.Unlock()
+	if state == http.StateNew && stopping {
+		c.Close()
+	}
 }
 
 // peerKey is the context key of the peer of a request to the front.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -292,4 +293,36 @@ func TestInjectSlowlorisDoesNotHoldOthers(t *testing.T) {
 	if n := up.requests.Load(); n != 5 {
 		t.Errorf("%d requests reached the upstream, want the 5 of the well-behaved client", n)
 	}
+}
+
+// FuzzInjectPath: every raw path the front lets through means one path
+// to every reader: it decodes, has no '.' or '..' segment, empty segment,
+// slash, backslash or control character hidden in an escape, and is
+// forwarded byte for byte as it was sent.
+func FuzzInjectPath(f *testing.F) {
+	for _, seed := range []string{"/anthropic/v1/messages", "/a/%2e%2E/b", "/a/.%2e", "/a%2fb", "/a%5Cb", "/a//b", "/a/b/", "/",
+		"/a/caf%C3%A9", "/a/b:c;d=e@f", "/a/%00", "/a/%zz", "/a\\b", "/a/b#c", "/a/\xc0\xae"} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		if badRawPath(raw) != "" {
+			return
+		}
+		decoded, err := url.PathUnescape(raw)
+		if err != nil {
+			t.Fatalf("%q passed but does not decode: %v", raw, err)
+		}
+		rawSegs, segs := strings.Split(raw, "/"), strings.Split(decoded, "/")
+		if len(rawSegs) != len(segs) {
+			t.Fatalf("%q passed with an encoded slash: %q", raw, decoded)
+		}
+		for i, seg := range segs {
+			if seg == "." || seg == ".." || seg == "" && i != 0 && i != len(segs)-1 || strings.ContainsAny(seg, "\\\x00\r\n\x7f") {
+				t.Fatalf("%q passed, decoding to %q", raw, decoded)
+			}
+		}
+		if u := (url.URL{Path: decoded, RawPath: raw}); u.EscapedPath() != raw {
+			t.Fatalf("%q passed but would be forwarded as %q", raw, u.EscapedPath())
+		}
+	})
 }

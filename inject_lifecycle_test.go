@@ -300,8 +300,9 @@ func TestInjectRoutesAreCheckedWhenTheSessionStarts(t *testing.T) {
 }
 
 // Each request through the front is put to the session's Policy, as
-// get_token or get_api_key would be, with the peer: a denial is 403, with
-// an audit line, and nothing is forwarded.
+// get_token or get_api_key would be, with the peer and a context that
+// carries http.ServerContextKey (a request on the socket does not): a
+// denial is 403, with an audit line, and nothing is forwarded.
 func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 	up := newUpstream(t, nil)
 	srv, logs := injectServer(t, injectStore(t), Options{})
@@ -314,10 +315,21 @@ func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 		}
 		return nil
 	})
-	sess := startSession(t, srv, SessionOptions{Policy: policy, Routes: []Route{tokenRoute(up), keyRoute(up)}})
+	viaFront := 0
+	telling := PolicyFunc(func(ctx context.Context, r *Request) error {
+		if ctx.Value(http.ServerContextKey) != nil {
+			viaFront++
+		}
+		return policy.Authorize(ctx, r)
+	})
+	sess := startSession(t, srv, SessionOptions{Policy: telling, Routes: []Route{tokenRoute(up), keyRoute(up)}})
 	c := frontClient(t, sess)
 	call(t, c, "GET", "/anthropic/v1/models", "Authorization", bearer(sess.Phantom()), nil)
 	call(t, c, "GET", "/openai/v1/models", "x-api-key", string(sess.Phantom()), nil)
+	if _, err := sessionClient(t, sess).GetAPIKey(t.Context(), "openai"); err != nil || viaFront != 2 {
+		t.Errorf("get_api_key on the socket: %v; %d of 3 requests were told apart as the front's, want 2", err, viaFront)
+	}
+	asked = asked[:2]
 	uid, _ := asked[0].Peer.UID()
 	if len(asked) != 2 || asked[0].Op != OpGetToken || asked[0].Provider != "anthropic" || asked[0].Bucket != DefaultBucket ||
 		asked[1].Op != OpGetAPIKey || asked[1].Key != "openai" || uid != os.Geteuid() {
@@ -329,5 +341,23 @@ func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), `"reason":"the session's policy does not allow this route"`) {
 		t.Errorf("no refusal logged:\n%s", logs)
+	}
+}
+
+// Server.Shutdown does not wait for a connection to the front that has
+// sent nothing (net/http alone would wait 5 s for it).
+func TestInjectShutdownDoesNotWaitForSilentConnections(t *testing.T) {
+	up := newUpstream(t, nil)
+	srv, _ := injectServer(t, injectStore(t), Options{})
+	sess := injectSession(t, srv, tokenRoute(up))
+	silent, err := net.Dial("unix", sess.InjectSocketPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	waitUntil(t, func() bool { sess.inject.mu.Lock(); defer sess.inject.mu.Unlock(); return len(sess.inject.fresh) == 1 })
+	start := time.Now()
+	if err := srv.Shutdown(t.Context()); err != nil || time.Since(start) > 2*time.Second {
+		t.Errorf("Shutdown: %v after %v, want nil at once", err, time.Since(start))
 	}
 }

@@ -180,6 +180,14 @@ func TestInjectForwardsWithTheRealCredential(t *testing.T) {
 	req.Header.Set("X-Api-Key", "sandbox-key")
 	req.Header.Set("Proxy-Authorization", "Basic c2FuZGJveA==")
 	req.Header.Set("X-Forwarded-For", "10.9.8.7")
+	req.Header.Set("Forwarded", "for=10.9.8.7")
+	req.Header.Set("Api-Key", "sandbox-key")
+	req.Header.Set("X-Goog-Api-Key", "sandbox-key")
+	req.Header.Set("Proxy-Connection", "keep-alive")
+	req.Header.Set("Connection", "keep-alive, X-Hop")
+	req.Header.Set("X-Hop", "hop")
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Te", "trailers")
 	req.Header.Set("Anthropic-Version", "2023-06-01")
 	resp, err := c.Do(req)
 	if err != nil {
@@ -194,6 +202,8 @@ func TestInjectForwardsWithTheRealCredential(t *testing.T) {
 	for name, want := range map[string]string{
 		"Authorization": "Bearer " + fakeRealAccess, "Anthropic-Version": "2023-06-01",
 		"Cookie": "", "X-Api-Key": "", "Proxy-Authorization": "", "X-Forwarded-For": "", "Forwarded": "", "Via": "",
+		"Api-Key": "", "X-Goog-Api-Key": "", "Proxy-Connection": "", "Connection": "", "X-Hop": "", "Upgrade": "", "Te": "",
+		"X-Forwarded-Host": "", "X-Forwarded-Proto": "",
 	} {
 		if v := got.Header.Get(name); v != want {
 			t.Errorf("upstream got %s: %q, want %q", name, v, want)

@@ -97,7 +97,12 @@ type SessionOptions struct {
 	// PROTOCOL.md, "Injection front", has the contract. The session's own
 	// socket still serves the Policy to a client with the capability
 	// token: for a sandbox that holds no real credential, do not hand it
-	// the token ([Session.HandoffFile]), only the phantom.
+	// the token ([Session.HandoffFile]), only the phantom, or give the
+	// session a Policy that allows the routes' credentials to the front
+	// only. The front asks the Policy with its HTTP request's context,
+	// which carries [http.ServerContextKey]; a request on the session's
+	// socket has a context that carries no values, so the key tells the
+	// two apart.
 	Routes []Route
 }
 
