@@ -300,9 +300,9 @@ func TestInjectRoutesAreCheckedWhenTheSessionStarts(t *testing.T) {
 }
 
 // Each request through the front is put to the session's Policy, as
-// get_token or get_api_key would be, with the peer and a context that
-// carries http.ServerContextKey (a request on the socket does not): a
-// denial is 403, with an audit line, and nothing is forwarded.
+// get_token or get_api_key would be, with the peer and the route's name
+// in Request.Route (a request on the socket has none): a denial is 403,
+// with an audit line, and nothing is forwarded.
 func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 	up := newUpstream(t, nil)
 	srv, logs := injectServer(t, injectStore(t), Options{})
@@ -317,7 +317,7 @@ func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 	})
 	viaFront := 0
 	telling := PolicyFunc(func(ctx context.Context, r *Request) error {
-		if ctx.Value(http.ServerContextKey) != nil {
+		if r.Route != "" {
 			viaFront++
 		}
 		return policy.Authorize(ctx, r)
@@ -332,7 +332,8 @@ func TestInjectAsksTheSessionsPolicyForEachRequest(t *testing.T) {
 	asked = asked[:2]
 	uid, _ := asked[0].Peer.UID()
 	if len(asked) != 2 || asked[0].Op != OpGetToken || asked[0].Provider != "anthropic" || asked[0].Bucket != DefaultBucket ||
-		asked[1].Op != OpGetAPIKey || asked[1].Key != "openai" || uid != os.Geteuid() {
+		asked[0].Route != "anthropic" || asked[1].Op != OpGetAPIKey || asked[1].Key != "openai" || asked[1].Route != "openai" ||
+		uid != os.Geteuid() {
 		t.Errorf("the policy was asked %+v", asked)
 	}
 	deny.Store(true)

@@ -179,9 +179,9 @@ func compileRoute(r Route, customTransport bool) (*route, error) {
 // route: the get_token or get_api_key the injection stands for.
 func (r *route) request(peer Peer) *Request {
 	if r.Key != "" {
-		return &Request{Peer: peer, Op: OpGetAPIKey, Key: r.Key}
+		return &Request{Peer: peer, Op: OpGetAPIKey, Key: r.Key, Route: r.Name}
 	}
-	return &Request{Peer: peer, Op: OpGetToken, Provider: r.Provider, Bucket: r.Bucket}
+	return &Request{Peer: peer, Op: OpGetToken, Provider: r.Provider, Bucket: r.Bucket, Route: r.Name}
 }
 
 // allows reports whether the route allows method on rest, the cleaned

@@ -51,6 +51,13 @@ type Request struct {
 	Provider string
 	Bucket   string
 	Key      string
+
+	// Route is the name of the injection route ([Route]) a request came
+	// by: the session's injection front asks for the credential it puts
+	// into each request it forwards, as a get_token or get_api_key. It is
+	// "" for every request on the credential socket, so that a Policy can
+	// let the front use a credential that the sandbox may not read.
+	Route string
 }
 
 // Errors a [Policy] wraps to tell the peer what was refused. Each matches

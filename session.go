@@ -99,10 +99,8 @@ type SessionOptions struct {
 	// token: for a sandbox that holds no real credential, do not hand it
 	// the token ([Session.HandoffFile]), only the phantom, or give the
 	// session a Policy that allows the routes' credentials to the front
-	// only. The front asks the Policy with its HTTP request's context,
-	// which carries [http.ServerContextKey]; a request on the session's
-	// socket has a context that carries no values, so the key tells the
-	// two apart.
+	// only: the front's requests carry the route's name in
+	// [Request].Route, and those on the session's socket carry none.
 	Routes []Route
 }
 

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"path"
@@ -269,26 +268,18 @@ type injectPolicy struct {
 // for a request that comes through the front.
 func (p *injectPolicy) Authorize(ctx context.Context, req *credproxy.Request) error {
 	err := p.grant.Authorize(ctx, req)
-	if err == nil || !viaFront(ctx) {
+	if err == nil || req.Route == "" {
 		return err
 	}
 	for _, r := range p.routes {
 		switch {
+		case r.Name != req.Route:
 		case req.Op == credproxy.OpGetAPIKey && r.Key != "" && req.Key == r.Key,
 			req.Op == credproxy.OpGetToken && r.Provider != "" && req.Provider == r.Provider && req.Bucket == cmp.Or(r.Bucket, credproxy.DefaultBucket):
 			return nil
 		}
 	}
 	return err
-}
-
-// viaFront reports whether ctx is that of a request to the injecting
-// front, an HTTP server, rather than one on the credential socket, which
-// is not: the front authorises each request with the request's context,
-// which net/http gives the server it came through. Should the front ever
-// authorise with another context, routes are refused (403), not opened up.
-func viaFront(ctx context.Context) bool {
-	return ctx.Value(http.ServerContextKey) != nil
 }
 
 // String is the grant, as the session's start is logged, and the routes.

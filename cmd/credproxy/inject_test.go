@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -127,31 +126,29 @@ func TestInjectRefusesClashingVariablesAndClientSecrets(t *testing.T) {
 }
 
 // -inject grants the route's credential to the injecting front's
-// requests only: over the credential socket, get_token and get_api_key
-// stay as the -allow flags say. The front's requests are told apart by
-// their context, that of an HTTP server's request.
+// requests only, and each route's to its own: over the credential socket
+// (no Request.Route), get_token and get_api_key stay as the -allow flags
+// say.
 func TestInjectGrantsTheRouteToTheFrontOnly(t *testing.T) {
 	pol := &injectPolicy{grant: &credproxy.Grant{Providers: []string{"github"}}, routes: []credproxy.Route{
 		{Name: "anthropic", Key: "anthropic", Upstream: "https://a.example"},
 		{Name: "acme", Provider: "acme", Bucket: "work", Upstream: "https://b.example"}}}
-	front := context.WithValue(t.Context(), http.ServerContextKey, &http.Server{})
-	socket := t.Context()
 	for i, tc := range []struct {
-		ctx  context.Context
 		req  credproxy.Request
 		want bool
 	}{
-		{front, credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "anthropic"}, true},
-		{socket, credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "anthropic"}, false},
-		{front, credproxy.Request{Op: credproxy.OpGetToken, Provider: "acme", Bucket: "work"}, true},
-		{socket, credproxy.Request{Op: credproxy.OpGetToken, Provider: "acme", Bucket: "work"}, false},
-		{front, credproxy.Request{Op: credproxy.OpGetToken, Provider: "acme", Bucket: "default"}, false},
-		{front, credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "openai"}, false},
-		{front, credproxy.Request{Op: credproxy.OpSaveToken, Provider: "acme", Bucket: "work"}, false},
-		{socket, credproxy.Request{Op: credproxy.OpGetToken, Provider: "github", Bucket: "default"}, true},
+		{credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "anthropic", Route: "anthropic"}, true},
+		{credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "anthropic"}, false},
+		{credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "anthropic", Route: "acme"}, false},
+		{credproxy.Request{Op: credproxy.OpGetToken, Provider: "acme", Bucket: "work", Route: "acme"}, true},
+		{credproxy.Request{Op: credproxy.OpGetToken, Provider: "acme", Bucket: "work"}, false},
+		{credproxy.Request{Op: credproxy.OpGetToken, Provider: "acme", Bucket: "default", Route: "acme"}, false},
+		{credproxy.Request{Op: credproxy.OpGetAPIKey, Key: "openai", Route: "anthropic"}, false},
+		{credproxy.Request{Op: credproxy.OpSaveToken, Provider: "acme", Bucket: "work", Route: "acme"}, false},
+		{credproxy.Request{Op: credproxy.OpGetToken, Provider: "github", Bucket: "default"}, true},
 	} {
-		if err := pol.Authorize(tc.ctx, &tc.req); (err == nil) != tc.want {
-			t.Errorf("step %d: %+v via front %v: %v; want allowed %v", i, tc.req, tc.ctx == front, err, tc.want)
+		if err := pol.Authorize(t.Context(), &tc.req); (err == nil) != tc.want {
+			t.Errorf("step %d: %+v: %v; want allowed %v", i, tc.req, err, tc.want)
 		}
 	}
 	if s := pol.String(); !strings.Contains(s, "; injected: anthropic (API key anthropic to https://a.example), acme (token acme/work to https://b.example)") {
