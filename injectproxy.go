@@ -25,8 +25,11 @@ type injection struct {
 	peer    Peer
 	rawRest string // the request's path after /<Name>, as sent
 	cred    Secret // the real credential, as injected last
-	// tooLarge is set once the request's body went past its bound.
+	// tooLarge is set once the request's body went past its bound, and
+	// badBody once reading it failed otherwise (a malformed chunk, say):
+	// the sandbox's error, not the upstream's.
 	tooLarge atomic.Bool
+	badBody  atomic.Bool
 }
 
 type injectionKey struct{}
@@ -351,6 +354,12 @@ func (f *injectFront) proxyError(w http.ResponseWriter, r *http.Request, err err
 		f.refuse(w, r, inj.peer, inj.rt, http.StatusRequestEntityTooLarge, "request body too large")
 		return
 	}
+	if inj.badBody.Load() {
+		// Refused, so logged within the session's refusal budget: a
+		// sandbox must not fill the host's log, nor blame the upstream.
+		f.refuse(w, r, inj.peer, inj.rt, http.StatusBadRequest, "malformed request body")
+		return
+	}
 	if r.Context().Err() != nil {
 		// The sandbox went away, or the session closed: nobody reads this.
 		w.WriteHeader(http.StatusBadGateway)
@@ -371,8 +380,12 @@ type boundedBody struct {
 func (b *boundedBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	var tooLarge *http.MaxBytesError
-	if err != nil && errors.As(err, &tooLarge) {
+	switch {
+	case err == nil || err == io.EOF:
+	case errors.As(err, &tooLarge):
 		b.inj.tooLarge.Store(true)
+	default:
+		b.inj.badBody.Store(true)
 	}
 	return n, err
 }

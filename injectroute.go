@@ -8,6 +8,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"unicode/utf8"
 )
 
 // Route says how a session's injection front forwards the requests of one
@@ -163,7 +164,9 @@ func compileRoute(r Route, customTransport bool) (*route, error) {
 		r.Methods = []string{http.MethodGet, http.MethodPost}
 	}
 	for _, m := range r.Methods {
-		if !validHeaderName(m) || m == http.MethodConnect {
+		// CONNECT would open a tunnel; TRACE (and TRACK) have a server
+		// echo the request it got, the real credential included.
+		if !validHeaderName(m) || strings.EqualFold(m, http.MethodConnect) || strings.EqualFold(m, http.MethodTrace) || strings.EqualFold(m, "TRACK") {
 			return nil, bad("method %q cannot be allowed", m)
 		}
 	}
@@ -225,13 +228,21 @@ func badRawPath(raw string) string {
 	}
 	for seg := range strings.SplitSeq(raw[1:], "/") {
 		dec, err := url.PathUnescape(seg)
+		// What some upstreams take a segment for: without ";parameters"
+		// (Tomcat, Jetty, Spring drop them before normalising), and
+		// without trailing spaces and dots (as Windows file systems
+		// do), so that "..;x" and ".. " count as dot segments too.
+		bare, _, _ := strings.Cut(dec, ";")
+		bare = strings.TrimRight(bare, " .")
 		switch {
 		case err != nil:
 			return "malformed escape in path"
-		case dec == "." || dec == "..":
+		case dec == "." || dec == ".." || bare == "" && dec != "" || strings.HasPrefix(bare, ".."):
 			return "dot segment in path"
 		case strings.ContainsAny(dec, "/\\"):
 			return "encoded slash or backslash in path"
+		case !utf8.ValidString(dec):
+			return "path not valid UTF-8"
 		}
 		for i := 0; i < len(dec); i++ {
 			if dec[i] < 0x20 || dec[i] == 0x7f {

@@ -82,8 +82,7 @@ func (p *proxyFlags) start(ctx context.Context, std stdio) (sess *credproxy.Sess
 	}
 	opts := credproxy.SessionOptions{Policy: &p.grant, Dir: p.sessionDir}
 	if p.injected != nil {
-		opts.Policy = &injectPolicy{grant: &p.grant, routes: p.injected.routes}
-		opts.Routes = p.injected.routes
+		opts = injectSessionOptions(&p.grant, p.injected.routes, p.sessionDir)
 	}
 	sess, err = srv.NewSession(opts)
 	if err != nil {
