@@ -148,7 +148,8 @@ func mustURL(t *testing.T, s string) url.URL {
 }
 
 // A store on a cluster that does not answer fails at Open, within its
-// DialTimeout, not at its first request.
+// DialTimeout, not at its first request; so do options without endpoints
+// or a 32-byte data key.
 func TestOpenFailsEarly(t *testing.T) {
 	port := freePorts(t, 1)[0]
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -160,5 +161,15 @@ func TestOpenFailsEarly(t *testing.T) {
 	})
 	if err == nil {
 		t.Fatal("Open of a cluster that is not there succeeded")
+	}
+	for i, opts := range []Options{
+		{DataKey: make([]byte, DataKeySize)},
+		{Endpoints: []string{"http://127.0.0.1:1"}},
+		{Endpoints: []string{"http://127.0.0.1:1"}, DataKey: make([]byte, 16)},
+	} {
+		if st, err := Open(ctx, opts); err == nil {
+			st.Close()
+			t.Errorf("%d: Open(%+v) succeeded, want an error for a missing option", i, opts)
+		}
 	}
 }
