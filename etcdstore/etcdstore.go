@@ -1,0 +1,236 @@
+// Package etcdstore is a [credproxy.Store] kept in an etcd cluster, so that
+// a fleet of hosts shares one set of credentials. Call [Open] with the
+// cluster's endpoints and a 32-byte data key; the tests show a real
+// three-member cluster in use.
+//
+// It lives in a module of its own so that the etcd client, and everything
+// it brings, is paid for only by programs that use it.
+//
+// # Security
+//
+// Every value is sealed on the host before it is sent: AES-256-GCM with a
+// random nonce, and the item's full etcd key bound as associated data, so
+// an item copied or moved to another name (another provider, bucket, API
+// key, kind or [Options.Prefix]) fails to open with an error wrapping
+// [ErrUnseal] instead of being served under the wrong name. etcd, its
+// snapshots and its backups hold ciphertext and item names only: the names
+// of providers, buckets and API keys are not secret.
+//
+// The data key never leaves the host and is the host's to keep: in the
+// system keyring (for example as a credproxy API key in a
+// [credproxy.KeyringStore]), in a file readable only by the service's
+// user, or in the environment of a service manager that loads it from a
+// credential store. Every host of a fleet needs the same key. Rotating it
+// is future work: a sealed value starts with a format byte so that a later
+// format can name its key.
+package etcdstore
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/credproxy/credproxy"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+var (
+	// ErrUnseal is returned, wrapped with the item's key, when a value read
+	// from etcd does not open with the data key: it was sealed with another
+	// key, altered, or copied from another item's name.
+	ErrUnseal = errors.New("credproxy: etcdstore: value does not open with the data key (another key, altered, or copied from another item)")
+
+	// ErrConflict is returned by [EtcdStore.UpdateToken] when other writers
+	// changed the token on every one of its attempts.
+	ErrConflict = errors.New("credproxy: etcdstore: token changed by other writers on every attempt")
+)
+
+// DefaultPrefix is the etcd key prefix of a store whose [Options.Prefix]
+// is empty.
+const DefaultPrefix = "/credproxy/"
+
+// DefaultDialTimeout is how long [Open] waits for the cluster when
+// [Options.DialTimeout] is zero.
+const DefaultDialTimeout = 5 * time.Second
+
+// DataKeySize is the length in bytes of [Options.DataKey]: an AES-256 key.
+const DataKeySize = 32
+
+// Options configures [Open]. Endpoints and DataKey are required; every
+// other field has a working zero value.
+type Options struct {
+	// Endpoints are the cluster's client URLs, such as
+	// "https://etcd1.example:2379". Required.
+	Endpoints []string
+
+	// TLS, if not nil, is used to connect to the endpoints, client
+	// certificates included. Nil means plain connections, which suit a
+	// cluster reached only over loopback or a private, trusted network.
+	TLS *tls.Config
+
+	// Username and Password, if Username is not empty, authenticate to a
+	// cluster with etcd's authentication enabled. Empty means none.
+	Username string
+	Password string
+
+	// Prefix is put before every key the store writes, so that one cluster
+	// can serve other data, or several stores. Empty means [DefaultPrefix].
+	// A "/" is added if it does not end with one. Items are bound to their
+	// full key, prefix included (see the package doc), so a store's data
+	// cannot be moved under another prefix without sealing it again.
+	Prefix string
+
+	// DataKey is the 32-byte AES-256 key that seals every value. Required.
+	// Open copies it. Where it comes from is the host's choice; see the
+	// package doc.
+	DataKey []byte
+
+	// DialTimeout bounds Open's first contact with the cluster. Zero means
+	// [DefaultDialTimeout].
+	DialTimeout time.Duration
+}
+
+// EtcdStore is a [credproxy.Store] and [credproxy.StoreCloser] kept in
+// etcd, with every value sealed (see the package doc). It is safe for
+// concurrent use, by any number of goroutines and hosts on one cluster.
+// Every call is a round trip to the cluster. The zero EtcdStore is not
+// usable; call [Open].
+type EtcdStore struct {
+	cli    *clientv3.Client
+	prefix string
+	seal   *sealer
+	closed atomic.Bool
+}
+
+var _ credproxy.StoreCloser = (*EtcdStore)(nil)
+
+// Open connects to the cluster that opts names and returns its store.
+// It checks that the cluster answers (and accepts the credentials) within
+// opts.DialTimeout, so a wrong endpoint or password fails here, not at the
+// first request. The caller closes the store when done with it.
+func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
+	if len(opts.Endpoints) == 0 {
+		return nil, errors.New("credproxy: etcdstore: Options.Endpoints is empty")
+	}
+	sl, err := newSealer(opts.DataKey)
+	if err != nil {
+		return nil, err
+	}
+	prefix := opts.Prefix
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	timeout := opts.DialTimeout
+	if timeout <= 0 {
+		timeout = DefaultDialTimeout
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   append([]string(nil), opts.Endpoints...),
+		TLS:         opts.TLS,
+		Username:    opts.Username,
+		Password:    opts.Password,
+		DialTimeout: timeout,
+		Logger:      zap.NewNop(), // the library is silent unless asked
+	})
+	if err != nil {
+		return nil, fmt.Errorf("credproxy: etcdstore: connect: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if _, err := cli.Get(pctx, prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(1)); err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("credproxy: etcdstore: first contact with %v: %w", opts.Endpoints, err)
+	}
+	return &EtcdStore{cli: cli, prefix: prefix, seal: sl}, nil
+}
+
+// Close closes the connection to the cluster. It may be called more than
+// once; later calls, and the store's methods after it, return an error
+// wrapping [net.ErrClosed].
+func (s *EtcdStore) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	if err := s.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("credproxy: etcdstore: close: %w", err)
+	}
+	return nil
+}
+
+// Key layout, under the prefix. Names cannot hold "/" (see checkNames), so
+// no two items share a key and no name reaches outside its directory.
+const (
+	tokensDir  = "tokens/"  // tokens/<provider>/<bucket>
+	apiKeysDir = "apikeys/" // apikeys/<name>
+)
+
+func (s *EtcdStore) tokenKey(provider, bucket string) string {
+	return s.prefix + tokensDir + provider + "/" + bucket
+}
+
+func (s *EtcdStore) apiKeyKey(name string) string { return s.prefix + apiKeysDir + name }
+
+// begin is the entry check of every method: the store is open, ctx has not
+// ended, and the names are valid.
+func (s *EtcdStore) begin(ctx context.Context, names ...string) error {
+	if s.closed.Load() {
+		return fmt.Errorf("credproxy: etcdstore: store is closed: %w", net.ErrClosed)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("credproxy: etcdstore: %w", err)
+	}
+	return checkNames(names...)
+}
+
+// checkNames applies the core's name rule, ^[A-Za-z0-9._@-]{1,64}$ (see
+// [credproxy.Store]), which the server checks first too. The core does not
+// export its check, so it is repeated here.
+func checkNames(names ...string) error {
+	for _, n := range names {
+		if !validName(n) {
+			return fmt.Errorf("credproxy: etcdstore: name must match ^[A-Za-z0-9._@-]{1,64}$: %w", credproxy.ErrInvalidRequest)
+		}
+	}
+	return nil
+}
+
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case c == '.', c == '_', c == '@', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func normalBucket(bucket string) string {
+	if bucket == "" {
+		return credproxy.DefaultBucket
+	}
+	return bucket
+}
+
+// wrapErr gives an etcd error the package prefix and, when ctx has ended,
+// makes it wrap ctx.Err() as the Store contract asks.
+func wrapErr(ctx context.Context, op string, err error) error {
+	if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+		return fmt.Errorf("credproxy: etcdstore: %s: %w (%w)", op, cerr, err)
+	}
+	return fmt.Errorf("credproxy: etcdstore: %s: %w", op, err)
+}
