@@ -32,11 +32,13 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/credproxy/credproxy"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 )
 
@@ -94,9 +96,18 @@ type Options struct {
 	// DialTimeout bounds Open's first contact with the cluster. Zero means
 	// [DefaultDialTimeout].
 	DialTimeout time.Duration
+
+	// LockTTL is the TTL of the lease that holds the store's token locks
+	// ([EtcdStore.LockToken]), in whole seconds (rounded up; etcd may raise
+	// a very short one to its minimum). It is how long a lock outlives a
+	// holder that died or was cut off from the cluster: shorter frees a
+	// dead host's locks sooner, but a host that cannot reach the cluster
+	// for that long loses its locks. Zero means [DefaultLockTTL] (10 s).
+	LockTTL time.Duration
 }
 
-// EtcdStore is a [credproxy.Store] and [credproxy.StoreCloser] kept in
+// EtcdStore is a [credproxy.Store], [credproxy.StoreCloser] and
+// [credproxy.TokenLocker] kept in
 // etcd, with every value sealed (see the package doc). It is safe for
 // concurrent use, by any number of goroutines and hosts on one cluster.
 // Every call is a round trip to the cluster. The zero EtcdStore is not
@@ -106,6 +117,14 @@ type EtcdStore struct {
 	prefix string
 	seal   *sealer
 	closed atomic.Bool
+
+	// Token locks (lock.go): one session (lease) for all of them, started
+	// at the first LockToken and again after a lost lease.
+	lockTTL   int64 // seconds
+	locals    keyedMutex
+	sessStart chan struct{} // held while a session is being started
+	sessMu    sync.Mutex    // guards sess
+	sess      *concurrency.Session
 }
 
 var _ credproxy.StoreCloser = (*EtcdStore)(nil)
@@ -129,6 +148,10 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 	if !strings.HasSuffix(prefix, "/") {
 		prefix += "/"
 	}
+	lockTTL, err := lockTTLSeconds(opts.LockTTL)
+	if err != nil {
+		return nil, err
+	}
 	timeout := opts.DialTimeout
 	if timeout <= 0 {
 		timeout = DefaultDialTimeout
@@ -150,16 +173,19 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 		cli.Close()
 		return nil, fmt.Errorf("credproxy: etcdstore: first contact with %v: %w", opts.Endpoints, err)
 	}
-	return &EtcdStore{cli: cli, prefix: prefix, seal: sl}, nil
+	return &EtcdStore{cli: cli, prefix: prefix, seal: sl, lockTTL: lockTTL, sessStart: make(chan struct{}, 1)}, nil
 }
 
-// Close closes the connection to the cluster. It may be called more than
-// once; later calls, and the store's methods after it, return an error
-// wrapping [net.ErrClosed].
+// Close releases every token lock the store holds (it revokes their
+// lease; if that fails, they go when the lease expires) and closes the
+// connection to the cluster. It may be called more than once; later
+// calls, and the store's methods after it, return an error wrapping
+// [net.ErrClosed].
 func (s *EtcdStore) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
+	s.closeSession()
 	if err := s.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
 		return fmt.Errorf("credproxy: etcdstore: close: %w", err)
 	}
