@@ -2,6 +2,7 @@ package credproxy
 
 import (
 	"context"
+	"errors"
 	"sync"
 )
 
@@ -29,6 +30,30 @@ func (s *Server) lockStore(ctx context.Context, provider, bucket string) (unlock
 		return func() {}, nil
 	}
 	return locker.LockToken(ctx, provider, bucket)
+}
+
+// updateToken changes the token of provider and bucket with update: by
+// the store's [TokenUpdater] if it has one, else by GetToken and
+// SaveToken, which the caller's locks make safe within one process and,
+// with a [TokenLocker], across processes.
+func (s *Server) updateToken(ctx context.Context, provider, bucket string, update func(stored Token, found bool) (Token, error)) (Token, error) {
+	st := s.opts.Store
+	if up, ok := st.(TokenUpdater); ok {
+		return up.UpdateToken(ctx, provider, bucket, update)
+	}
+	stored, err := st.GetToken(ctx, provider, bucket)
+	found := err == nil
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return Token{}, err
+	}
+	tok, err := update(stored, found)
+	if err != nil {
+		return Token{}, err
+	}
+	if err := st.SaveToken(ctx, provider, bucket, tok); err != nil {
+		return Token{}, err
+	}
+	return tok, nil
 }
 
 func tokenKey(provider, bucket string) string { return provider + ":" + bucket }

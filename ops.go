@@ -170,33 +170,30 @@ func (s *Server) saveToken(ctx context.Context, ss *Session, provider, bucket st
 	}
 	defer unlock()
 	st := s.opts.Store
-	stored, err := st.GetToken(ctx, provider, bucket)
-	if errors.Is(err, ErrNotFound) && !ss.reserveNewToken() {
+	if _, err := st.GetToken(ctx, provider, bucket); errors.Is(err, ErrNotFound) && !ss.reserveNewToken() {
 		return ErrNewTokenLimit
 	}
-	if locker, ok := st.(TokenLocker); ok {
-		unlockStore, lerr := locker.LockToken(ctx, provider, bucket)
-		if lerr != nil {
-			return lerr
+	unlockStore, err := s.lockStore(ctx, provider, bucket)
+	if err != nil {
+		return err
+	}
+	defer unlockStore()
+	// Merge with what is stored now, under the store's lock: another
+	// process may have saved since the read above.
+	saved, err := s.updateToken(ctx, provider, bucket, func(stored Token, found bool) (Token, error) {
+		merged := incoming
+		if found {
+			merged = stored.Merge(incoming)
 		}
-		defer unlockStore()
-		// Read again under the store's lock: another process may have saved.
-		stored, err = st.GetToken(ctx, provider, bucket)
-	}
-	switch {
-	case errors.Is(err, ErrNotFound):
-	case err != nil:
-		return err
-	default:
-		incoming = stored.Merge(incoming)
-	}
-	if len(incoming.Reveal()) > maxSavedToken {
-		return errTokenTooLarge
-	}
-	if err := st.SaveToken(ctx, provider, bucket, incoming); err != nil {
+		if len(merged.Reveal()) > maxSavedToken {
+			return Token{}, errTokenTooLarge
+		}
+		return merged, nil
+	})
+	if err != nil {
 		return err
 	}
-	s.refresh.savedByPeer(tokenKey(provider, bucket), incoming)
+	s.refresh.savedByPeer(tokenKey(provider, bucket), saved)
 	return nil
 }
 

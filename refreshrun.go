@@ -34,8 +34,14 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	case errors.Is(err, ErrReauthRequired):
 		// The refresh token is dead; keep the access token, which may
 		// still work until it expires, and never send the dead one again.
-		if err := st.SaveToken(ctx, provider, bucket, stored.WithoutRefreshToken()); err != nil {
-			co.logError("credproxy: cannot clear a rejected refresh token", provider, bucket, err, stored)
+		_, cerr := co.srv.updateToken(ctx, provider, bucket, func(cur Token, found bool) (Token, error) {
+			if !found || cur.RefreshToken() != stored.RefreshToken() {
+				return Token{}, errChangedMeanwhile // not the token refused: keep it
+			}
+			return cur.WithoutRefreshToken(), nil
+		})
+		if cerr != nil && !errors.Is(cerr, errChangedMeanwhile) {
+			co.logError("credproxy: cannot clear a rejected refresh token", provider, bucket, cerr, stored)
 		}
 		co.stopRenewal(tokenKey(provider, bucket))
 		return Token{}, false, err
@@ -47,25 +53,40 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 		co.keepRotated(ctx, provider, bucket, stored, fresh)
 		return Token{}, false, errBadExpiry
 	}
-	if _, ok := fresh.lookup(fieldExpiry); !ok {
-		stored = stored.without(fieldExpiry) // never inherit a stale expiry
-	}
-	merged, dropped, fits := fitMerged(stored, fresh, maxSavedToken)
-	if !fits {
+	// Merge with what is stored now rather than with what was read before
+	// the call: the same under the lock, but a store that can update
+	// atomically ([TokenUpdater]) then keeps a write made by a host that
+	// took over a lock this one lost while waiting for the provider.
+	var dropped []string
+	merged, err := co.srv.updateToken(ctx, provider, bucket, func(cur Token, found bool) (Token, error) {
+		if !found {
+			return Token{}, ErrNotFound // removed meanwhile: the logout wins
+		}
+		if _, ok := fresh.lookup(fieldExpiry); !ok {
+			cur = cur.without(fieldExpiry) // never inherit a stale expiry
+		}
+		m, d, fits := fitMerged(cur, fresh, maxSavedToken)
+		if !fits {
+			return Token{}, errTokenTooLarge
+		}
+		dropped = d
+		return m, nil
+	})
+	switch {
+	case errors.Is(err, errTokenTooLarge):
 		co.srv.log.Warn("credproxy: refresh failed", "provider", provider, "bucket", bucket, "err", errTokenTooLarge.Error())
 		co.keepRotated(ctx, provider, bucket, stored, fresh)
 		return Token{}, false, errTokenTooLarge
-	}
-	if len(dropped) > 0 {
-		co.srv.log.Warn("credproxy: refreshed token too large with all the stored members; left some out",
-			"provider", provider, "bucket", bucket, "members", dropped)
-	}
-	if err := st.SaveToken(ctx, provider, bucket, merged); err != nil {
+	case err != nil:
 		// The provider may have rotated the refresh token: this is the one
 		// failure that can cost the user their login, so say so.
 		co.logError("credproxy: refreshed token could not be saved; if the provider rotated the refresh token, the user must log in again",
 			provider, bucket, err, stored, fresh)
 		return Token{}, false, err
+	}
+	if len(dropped) > 0 {
+		co.srv.log.Warn("credproxy: refreshed token too large with all the stored members; left some out",
+			"provider", provider, "bucket", bucket, "members", dropped)
 	}
 	co.srv.log.Info("credproxy: token refreshed", "provider", provider, "bucket", bucket)
 	return merged, true, nil
@@ -79,12 +100,21 @@ func (co *coordinator) keepRotated(ctx context.Context, provider, bucket string,
 	if rt == "" || rt == stored.RefreshToken() {
 		return
 	}
-	kept := stored.Merge(fresh.only(fieldRefreshToken))
-	if err := co.srv.opts.Store.SaveToken(ctx, provider, bucket, kept); err != nil {
+	_, err := co.srv.updateToken(ctx, provider, bucket, func(cur Token, found bool) (Token, error) {
+		if !found {
+			return Token{}, ErrNotFound
+		}
+		return cur.Merge(fresh.only(fieldRefreshToken)), nil
+	})
+	if err != nil {
 		co.logError("credproxy: a rotated refresh token could not be saved; the user may have to log in again",
 			provider, bucket, err, stored, fresh)
 	}
 }
+
+// errChangedMeanwhile ends an update that finds the token is no longer
+// the one it meant to change.
+var errChangedMeanwhile = errors.New("credproxy: token changed meanwhile")
 
 // validFor returns how long tok stays valid after now: a lot for a token
 // without expiry, nothing or less for an expired one.

@@ -250,6 +250,25 @@ func begin(ctx context.Context, names ...string) error {
 	return checkNames(names...)
 }
 
+// TokenUpdater is implemented by a [Store] that can change one token by
+// a read-modify-write that no other writer can interleave with, even one
+// on another host that lost its [TokenLocker] lock: a compare-and-swap on
+// the item's version, retried with the winner's value. The server uses it,
+// when the store offers it, for save_token's merge and for saving a
+// refreshed token, instead of GetToken followed by SaveToken; a store
+// whose reads may lag its writes (a cache kept by a watch) needs it, since
+// a merge over a stale read would drop what another host wrote.
+//
+// UpdateToken calls update with the stored token of provider and bucket
+// ("" for [DefaultBucket]) and found false if there is none, and stores
+// what update returns, unless update returns an error, which UpdateToken
+// then returns, wrapped or not, having stored nothing. It may call update
+// more than once, each time with the newest stored token, so update must
+// have no effects beyond its result. It returns the token it stored.
+type TokenUpdater interface {
+	UpdateToken(ctx context.Context, provider, bucket string, update func(stored Token, found bool) (Token, error)) (Token, error)
+}
+
 // TokenLocker is implemented by a [Store] that can serialise work on one
 // token across processes. The server takes the lock, after its own
 // in-process one, around the read-merge-write of save_token and around
