@@ -110,3 +110,106 @@ func tokenN(t testing.TB, n int) credproxy.Token {
 
 // isNotFound reports whether err says there is no such item.
 func isNotFound(err error) bool { return errors.Is(err, credproxy.ErrNotFound) }
+
+// Another host (a store on the same prefix with the same data key) sees a
+// write once its watch brings it, removals and lists included; the host
+// that wrote sees its own write at once (read-your-writes).
+func TestCacheSeesOtherHost(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.openStore(t, "/fleet/"), c.openStore(t, "/fleet/")
+	ctx := t.Context()
+	for n := 1; n <= 3; n++ {
+		if err := a.SaveToken(ctx, "p", "b", tokenN(t, n)); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := a.GetToken(ctx, "p", "b"); err != nil || counter(t, got) != n {
+			t.Fatalf("write %d: the writer reads %v, %v; want its own write at once", n, got.Reveal(), err)
+		}
+		waitFor(t, "the other host to see the write", func() bool {
+			got, err := b.GetToken(ctx, "p", "b")
+			return err == nil && counter(t, got) == n
+		})
+	}
+	if err := b.SaveAPIKey(ctx, "k", fakeAPIKey); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the API key and the lists on a", func() bool {
+		key, err := a.GetAPIKey(ctx, "k")
+		keys, _ := a.ListAPIKeys(ctx)
+		provs, _ := a.ListProviders(ctx)
+		buckets, _ := a.ListBuckets(ctx, "p")
+		return err == nil && key == fakeAPIKey && len(keys) == 1 && len(provs) == 1 && len(buckets) == 1
+	})
+	if err := b.RemoveToken(ctx, "p", "b"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.GetToken(ctx, "p", "b"); !isNotFound(err) {
+		t.Fatalf("the remover reads %v, want ErrNotFound at once", err)
+	}
+	waitFor(t, "the removal to reach a", func() bool {
+		_, err := a.GetToken(ctx, "p", "b")
+		provs, _ := a.ListProviders(ctx)
+		return isNotFound(err) && len(provs) == 0
+	})
+}
+
+// A store's reads never go back past its own last write, while its watch
+// brings its earlier writes back: the cache keeps each item's newest
+// revision whatever order the write's result and the events arrive in.
+func TestCacheReadYourWritesNeverGoesBack(t *testing.T) {
+	c := newCluster(t)
+	st := c.newStore(t)
+	ctx := t.Context()
+	for n := 1; n <= 200; n++ {
+		if err := st.SaveToken(ctx, "p", "", tokenN(t, n)); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			got, err := st.GetToken(ctx, "p", "")
+			if err != nil || counter(t, got) != n {
+				t.Fatalf("after write %d, read %d (%v)", n, counter(t, got), err)
+			}
+		}
+	}
+}
+
+// The cache keeps the newest revision of each item: an older value or an
+// older deletion, from a late watch event or an old snapshot, never
+// replaces a newer one, and a deletion is not undone by an older put.
+func TestCacheKeepsNewestRevision(t *testing.T) {
+	sl, err := newSealer(make([]byte, DataKeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCache("/x/", sl, slog.New(slog.DiscardHandler))
+	key := "/x/" + tokensDir + "p/b"
+	value := func(n int) []byte { return sl.seal(key, tokenN(t, n).Reveal()) }
+	got := func() int {
+		e, ok := c.lookup(key)
+		if !ok {
+			return -1
+		}
+		return counter(t, e.token)
+	}
+	steps := []struct {
+		name string
+		do   func()
+		want int // -1: absent
+	}{
+		{"own write at 10", func() { c.put(key, cacheEntry{rev: 10, token: tokenN(t, 10)}) }, 10},
+		{"late event at 8", func() { c.put(key, c.decode(key, value(8), 8)) }, 10},
+		{"event at 12", func() { c.put(key, c.decode(key, value(12), 12)) }, 12},
+		{"snapshot at 11 without it", func() { c.load(nil, 11) }, 12},
+		{"deletion at 15", func() { c.put(key, cacheEntry{rev: 15, gone: true}) }, -1},
+		{"late put at 13", func() { c.put(key, c.decode(key, value(13), 13)) }, -1},
+		{"watch passes 15", func() { c.advance(15) }, -1},
+		{"put at 16", func() { c.put(key, c.decode(key, value(16), 16)) }, 16},
+		{"snapshot at 20 without it", func() { c.load(nil, 20) }, -1},
+	}
+	for i, s := range steps {
+		s.do()
+		if g := got(); g != s.want {
+			t.Fatalf("step %d (%s): cache holds %d, want %d", i, s.name, g, s.want)
+		}
+	}
+}
