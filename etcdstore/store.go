@@ -164,7 +164,6 @@ func (s *EtcdStore) RemoveToken(ctx context.Context, provider, bucket string) er
 	return s.remove(ctx, "remove token", s.tokenKey(provider, bucket))
 }
 
-
 // ListProviders returns the providers that have at least one token.
 func (s *EtcdStore) ListProviders(ctx context.Context) ([]string, error) {
 	if err := s.begin(ctx); err != nil {
