@@ -213,3 +213,81 @@ func TestCacheKeepsNewestRevision(t *testing.T) {
 		}
 	}
 }
+
+// The holder of a token's lock reads what the previous holder, on another
+// host, wrote under it, at once and without polling: LockToken waits for
+// the cache to reach the revision at which the lock was granted. (The
+// refresher relies on it to see that another host refreshed already.)
+func TestLockHolderReadsPreviousHolder(t *testing.T) {
+	c := newCluster(t)
+	hosts := []*EtcdStore{c.openStore(t, "/fleet/"), c.openStore(t, "/fleet/")}
+	ctx := t.Context()
+	for n := 1; n <= 60; n++ {
+		st := hosts[n%2]
+		unlock, err := st.LockToken(ctx, "p", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := st.GetToken(ctx, "p", "")
+		if n > 1 && (err != nil || counter(t, got) != n-1) {
+			unlock()
+			t.Fatalf("holder %d reads %d (%v), want the previous holder's %d", n, counter(t, got), err, n-1)
+		}
+		err = st.SaveToken(ctx, "p", "", tokenN(t, n))
+		unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// waitRev raises the floor under which reads go through to the cluster,
+// and returns once the watch has reached it, or at once when the watch is
+// broken (reads go through then anyway), or when ctx ends. Step by step,
+// without a cluster.
+func TestCacheWaitRev(t *testing.T) {
+	sl, err := newSealer(make([]byte, DataKeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCache("/x/", sl, slog.New(slog.DiscardHandler))
+	c.load(nil, 10)
+	c.setCurrent(true)
+	if !c.fresh() {
+		t.Fatal("a current cache at 10 is not fresh")
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.waitRev(t.Context(), 12) }()
+	waitFor(t, "the floor to rise", func() bool { return !c.fresh() })
+	select {
+	case <-c.progress: // the waiter asked for a progress notification
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitRev did not ask for progress")
+	}
+	c.advance(11)
+	select {
+	case err := <-done:
+		t.Fatalf("waitRev(12) returned %v at revision 11", err)
+	default:
+	}
+	c.advance(12)
+	if err := <-done; err != nil || !c.fresh() {
+		t.Fatalf("waitRev(12) at 12 = %v, fresh %v", err, c.fresh())
+	}
+	// A broken watch: waitRev returns at once, and reads stay not fresh
+	// after the watch is back until it reaches the floor.
+	c.setCurrent(false)
+	if err := c.waitRev(t.Context(), 20); err != nil {
+		t.Fatal(err)
+	}
+	c.load(nil, 15)
+	c.setCurrent(true)
+	if c.fresh() {
+		t.Fatal("fresh at 15 with a floor of 20: a read could miss a write the lock promised")
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := c.waitRev(ctx, 20); !errors.Is(err, context.Canceled) {
+		t.Fatalf("waitRev with an ended ctx = %v", err)
+	}
+}
