@@ -200,6 +200,28 @@ func (c *cache) fresh() bool {
 	return c.rev >= c.floor
 }
 
+// freshLookup is read's fast path, the one a healthy store's get_token
+// takes: under one read lock, it reports whether the cache is fresh and,
+// if so, looks up the key made of parts. The key is built on the stack and
+// the map indexed with string(bytes), which does not allocate.
+func (c *cache) freshLookup(parts ...string) (e cacheEntry, found, fresh bool) {
+	if !c.current.Load() {
+		return cacheEntry{}, false, false
+	}
+	var buf [256]byte
+	k := buf[:0]
+	for _, p := range parts {
+		k = append(k, p...)
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.rev < c.floor {
+		return cacheEntry{}, false, false
+	}
+	e, found = c.entries[string(k)]
+	return e, found && !e.gone, true
+}
+
 // lookup returns the entry of key if the cache has a value for it.
 func (c *cache) lookup(key string) (cacheEntry, bool) {
 	c.mu.RLock()

@@ -47,7 +47,14 @@ func (s *EtcdStore) GetToken(ctx context.Context, provider, bucket string) (cred
 	if err := s.begin(ctx, provider, bucket); err != nil {
 		return credproxy.Token{}, err
 	}
-	e, found, err := s.read(ctx, s.tokenKey(provider, bucket))
+	e, found, fresh := s.cache.freshLookup(s.prefix, tokensDir, provider, "/", bucket)
+	var err error
+	if !fresh {
+		e, found, err = s.read(ctx, s.tokenKey(provider, bucket))
+	}
+	if err == nil {
+		err = e.err
+	}
 	if err != nil {
 		return credproxy.Token{}, err
 	}
@@ -185,7 +192,14 @@ func (s *EtcdStore) GetAPIKey(ctx context.Context, name string) (credproxy.Secre
 	if err := s.begin(ctx, name); err != nil {
 		return "", err
 	}
-	e, found, err := s.read(ctx, s.apiKeyKey(name))
+	e, found, fresh := s.cache.freshLookup(s.prefix, apiKeysDir, name)
+	var err error
+	if !fresh {
+		e, found, err = s.read(ctx, s.apiKeyKey(name))
+	}
+	if err == nil {
+		err = e.err
+	}
 	if err != nil {
 		return "", err
 	}
