@@ -23,6 +23,32 @@
 // credential store. Every host of a fleet needs the same key. Rotating it
 // is future work: a sealed value starts with a format byte so that a later
 // format can name its key.
+//
+// # Reads, the cache and faults
+//
+// [Open] loads every item under the prefix into memory, and a watch keeps
+// that copy current, so while the cluster is healthy a read (GetToken,
+// GetAPIKey, the lists) is a map lookup, with no round trip: a host serves
+// get_token at about MemoryStore's cost. Items are cached opened, since
+// anyone who can read the process's memory can read the data key in it
+// too. The store's own writes are visible to its next read at once;
+// another host's writes are visible once the watch brings them (a median
+// of 0.3 ms and a 99th percentile of 8 ms, the write included, on a
+// loopback test cluster; see STATUS.md).
+// [EtcdStore.LockToken] waits for the cache to catch up with the revision
+// at which the lock was granted, so the holder of a lock reads whatever
+// the previous holder, on any host, wrote under it.
+//
+// When the watch breaks (history compacted, its member lost its leader,
+// or nothing heard from the cluster for about five seconds) the store logs
+// it at Warn to [Options.Logger], reads through to the cluster, and loads
+// and watches again (backing off up to two seconds), logging at Info once
+// its cache is current again. When the cluster cannot answer (no quorum,
+// or no member reachable), a read serves the cached value if there is one
+// and logs, at most every 30 s, that a possibly stale value was served; if
+// there is none, it fails with an error wrapping [ErrUnavailable]. Writes
+// never fall back: without a quorum they fail with [ErrUnavailable] within
+// [Options.RequestTimeout].
 package etcdstore
 
 import (
@@ -242,9 +268,10 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 	return s, nil
 }
 
-// Close releases every token lock the store holds (it revokes their
-// lease; if that fails, they go when the lease expires) and closes the
-// connection to the cluster. It may be called more than once; later
+// Close stops the cache's watch (and waits for its goroutine), releases
+// every token lock the store holds (it revokes their lease; if that fails,
+// they go when the lease expires) and closes the connection to the
+// cluster. It may be called more than once; later
 // calls, and the store's methods after it, return an error wrapping
 // [net.ErrClosed].
 func (s *EtcdStore) Close() error {
