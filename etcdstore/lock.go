@@ -50,7 +50,9 @@ func (s *EtcdStore) lockKey(provider, bucket string) string {
 // does while it believes it holds the lock may overlap with the next
 // holder, so a write that must not be lost goes through
 // [EtcdStore.UpdateToken], whose compare-and-swap refuses a stale write
-// whatever the lock. After a lost lease, the next LockToken starts a new
+// whatever the lock. Reads after LockToken returns see every write made
+// before the lock was granted, by any host (the read cache catches up
+// first). After a lost lease, the next LockToken starts a new
 // session; a wait in progress when the lease is lost ends with an error
 // wrapping [concurrency.ErrSessionExpired].
 func (s *EtcdStore) LockToken(ctx context.Context, provider, bucket string) (unlock func(), err error) {
@@ -93,6 +95,18 @@ func (s *EtcdStore) LockToken(ctx context.Context, provider, bucket string) (unl
 		default:
 		}
 		return nil, wrapErr(ctx, "lock "+key, err)
+	}
+	// The holder reads what the previous holder wrote: that write came
+	// before the previous unlock, so before the revision at which this
+	// lock was granted, and the cache must reach it before the next read
+	// is served from memory (the refresher reads the token under the lock
+	// to see whether another host refreshed it already).
+	if err := s.cache.waitRev(ctx, m.Header().Revision); err != nil {
+		uctx, cancel := context.WithTimeout(context.Background(), unlockTimeout)
+		_ = m.Unlock(uctx)
+		cancel()
+		unlockLocal()
+		return nil, wrapErr(ctx, "lock "+key+": wait for the cache", err)
 	}
 	var once sync.Once
 	return func() {

@@ -99,7 +99,13 @@ func TestCopiedItemFailsToOpen(t *testing.T) {
 			if _, err := raw.Put(ctx, cp.key, cp.value); err != nil {
 				t.Fatal(err)
 			}
-			err := cp.read()
+			// The copy is another writer's change: the store sees it
+			// once its watch brings it.
+			var err error
+			waitFor(t, "the copy to reach the store", func() bool {
+				err = cp.read()
+				return !errors.Is(err, credproxy.ErrNotFound)
+			})
 			if !errors.Is(err, ErrUnseal) {
 				t.Fatalf("read of a copied item = %v, want ErrUnseal", err)
 			}

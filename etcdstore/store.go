@@ -3,20 +3,20 @@ package etcdstore
 import (
 	"context"
 	"fmt"
-	"maps"
-	"slices"
-	"strings"
 
 	"github.com/credproxy/credproxy"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// get reads and opens the value at key, with its mod revision. found is
-// false, with a nil error, when there is no such key.
+// get reads and opens the value at key, with its mod revision, from the
+// cluster (UpdateToken's read, which must not be stale). found is false,
+// with a nil error, when there is no such key.
 func (s *EtcdStore) get(ctx context.Context, key string) (plaintext []byte, rev int64, found bool, err error) {
-	resp, err := s.cli.Get(ctx, key)
+	rctx, cancel := s.requestCtx(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(rctx, key)
 	if err != nil {
-		return nil, 0, false, wrapErr(ctx, "get", err)
+		return nil, 0, false, failure(ctx, "get "+key, err)
 	}
 	if len(resp.Kvs) == 0 {
 		return nil, 0, false, nil
@@ -47,15 +47,21 @@ func (s *EtcdStore) GetToken(ctx context.Context, provider, bucket string) (cred
 	if err := s.begin(ctx, provider, bucket); err != nil {
 		return credproxy.Token{}, err
 	}
-	key := s.tokenKey(provider, bucket)
-	pt, _, found, err := s.get(ctx, key)
+	e, found, fresh := s.cache.freshLookup(s.prefix, tokensDir, provider, "/", bucket)
+	var err error
+	if !fresh {
+		e, found, err = s.read(ctx, s.tokenKey(provider, bucket))
+	}
+	if err == nil {
+		err = e.err
+	}
 	if err != nil {
 		return credproxy.Token{}, err
 	}
 	if !found {
 		return credproxy.Token{}, fmt.Errorf("credproxy: etcdstore: no token for provider %s bucket %s: %w", provider, bucket, credproxy.ErrNotFound)
 	}
-	return parseStored(key, pt)
+	return e.token, nil
 }
 
 // SaveToken stores token for provider and bucket, whole and as given,
@@ -71,9 +77,13 @@ func (s *EtcdStore) SaveToken(ctx context.Context, provider, bucket string, toke
 		return fmt.Errorf("credproxy: etcdstore: token has no access_token: %w", credproxy.ErrInvalidRequest)
 	}
 	key := s.tokenKey(provider, bucket)
-	if _, err := s.cli.Put(ctx, key, string(s.seal.seal(key, token.Reveal()))); err != nil {
-		return wrapErr(ctx, "save token", err)
+	rev, err := s.put(ctx, "save token", key, token.Reveal())
+	if err != nil {
+		return err
 	}
+	// Read-your-writes: the store's next read sees this token, even
+	// before the watch brings the change back.
+	s.cache.put(key, cacheEntry{rev: rev, token: token})
 	return nil
 }
 
@@ -125,15 +135,18 @@ func (s *EtcdStore) UpdateToken(ctx context.Context, provider, bucket string, up
 		}
 		// An absent key has mod revision 0 in a comparison, so one
 		// compare covers "still absent" as well as "unchanged".
-		resp, err := s.cli.Txn(ctx).
+		rctx, cancel := s.requestCtx(ctx)
+		resp, err := s.cli.Txn(rctx).
 			If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
 			Then(clientv3.OpPut(key, string(s.seal.seal(key, next.Reveal())))).
 			Else(clientv3.OpGet(key)).
 			Commit()
+		cancel()
 		if err != nil {
-			return credproxy.Token{}, wrapErr(ctx, "update token", err)
+			return credproxy.Token{}, failure(ctx, "update token "+key, err)
 		}
 		if resp.Succeeded {
+			s.cache.put(key, cacheEntry{rev: resp.Header.Revision, token: next})
 			return next, nil
 		}
 		// Lost the race: the Else branch read the winner's value.
@@ -155,29 +168,7 @@ func (s *EtcdStore) RemoveToken(ctx context.Context, provider, bucket string) er
 	if err := s.begin(ctx, provider, bucket); err != nil {
 		return err
 	}
-	if _, err := s.cli.Delete(ctx, s.tokenKey(provider, bucket)); err != nil {
-		return wrapErr(ctx, "remove token", err)
-	}
-	return nil
-}
-
-// list returns the names directly under dir (a prefix ending in "/"), up
-// to the next "/": the providers of tokens/, the buckets of
-// tokens/<provider>/, the API keys of apikeys/. It reads keys only.
-func (s *EtcdStore) list(ctx context.Context, dir string) ([]string, error) {
-	resp, err := s.cli.Get(ctx, dir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		return nil, wrapErr(ctx, "list", err)
-	}
-	names := make(map[string]struct{})
-	for _, kv := range resp.Kvs {
-		rest := strings.TrimPrefix(string(kv.Key), dir)
-		name, _, _ := strings.Cut(rest, "/")
-		if name != "" {
-			names[name] = struct{}{}
-		}
-	}
-	return slices.Sorted(maps.Keys(names)), nil
+	return s.remove(ctx, "remove token", s.tokenKey(provider, bucket))
 }
 
 // ListProviders returns the providers that have at least one token.
@@ -201,14 +192,21 @@ func (s *EtcdStore) GetAPIKey(ctx context.Context, name string) (credproxy.Secre
 	if err := s.begin(ctx, name); err != nil {
 		return "", err
 	}
-	pt, _, found, err := s.get(ctx, s.apiKeyKey(name))
+	e, found, fresh := s.cache.freshLookup(s.prefix, apiKeysDir, name)
+	var err error
+	if !fresh {
+		e, found, err = s.read(ctx, s.apiKeyKey(name))
+	}
+	if err == nil {
+		err = e.err
+	}
 	if err != nil {
 		return "", err
 	}
 	if !found {
 		return "", fmt.Errorf("credproxy: etcdstore: no API key %s: %w", name, credproxy.ErrNotFound)
 	}
-	return credproxy.Secret(pt), nil
+	return e.secret, nil
 }
 
 // SaveAPIKey stores key under name, replacing any other.
@@ -217,9 +215,11 @@ func (s *EtcdStore) SaveAPIKey(ctx context.Context, name string, key credproxy.S
 		return err
 	}
 	k := s.apiKeyKey(name)
-	if _, err := s.cli.Put(ctx, k, string(s.seal.seal(k, []byte(key)))); err != nil {
-		return wrapErr(ctx, "save API key", err)
+	rev, err := s.put(ctx, "save API key", k, []byte(key))
+	if err != nil {
+		return err
 	}
+	s.cache.put(k, cacheEntry{rev: rev, secret: key}) // read-your-writes
 	return nil
 }
 
@@ -228,10 +228,7 @@ func (s *EtcdStore) RemoveAPIKey(ctx context.Context, name string) error {
 	if err := s.begin(ctx, name); err != nil {
 		return err
 	}
-	if _, err := s.cli.Delete(ctx, s.apiKeyKey(name)); err != nil {
-		return wrapErr(ctx, "remove API key", err)
-	}
-	return nil
+	return s.remove(ctx, "remove API key", s.apiKeyKey(name))
 }
 
 // ListAPIKeys returns the names of the stored API keys.

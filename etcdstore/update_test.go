@@ -52,11 +52,17 @@ func TestUpdateTokenLosesNoUpdate(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	got, err := hosts[0].GetToken(ctx, "p", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := counter(t, got); n != 2*writers*each {
+	// Host 0 sees host 1's last writes once its watch brings them.
+	n := 0
+	waitFor(t, "every update on host 0", func() bool {
+		got, err := hosts[0].GetToken(ctx, "p", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n = counter(t, got)
+		return n == 2*writers*each
+	})
+	if n != 2*writers*each {
 		t.Errorf("n = %d, want %d: updates were lost", n, 2*writers*each)
 	}
 }
@@ -88,10 +94,14 @@ func TestUpdateTokenRetriesOnConflict(t *testing.T) {
 	if want := []string{"r0", "r1"}; fmt.Sprint(seen) != fmt.Sprint(want) {
 		t.Errorf("update saw refresh tokens %v, want %v", seen, want)
 	}
-	stored, err := b.GetToken(ctx, "p", "b")
-	if err != nil {
-		t.Fatal(err)
-	}
+	var stored credproxy.Token
+	waitFor(t, "a's write to reach b", func() bool {
+		stored, err = b.GetToken(ctx, "p", "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(stored.AccessToken()) != "b1"
+	})
 	if string(stored.AccessToken()) != "a2" || string(stored.RefreshToken()) != "r1" || !stored.Equal(got) {
 		t.Errorf("stored %s, returned %s; want access a2 with b's refresh token r1", stored.Reveal(), got.Reveal())
 	}
