@@ -194,7 +194,10 @@ type EtcdStore struct {
 	sess      *concurrency.Session
 }
 
-var _ credproxy.StoreCloser = (*EtcdStore)(nil)
+var (
+	_ credproxy.StoreCloser  = (*EtcdStore)(nil)
+	_ credproxy.TokenUpdater = (*EtcdStore)(nil)
+)
 
 // Open connects to the cluster that opts names and returns its store.
 // It loads every item under the prefix into the read cache, in one request
