@@ -104,6 +104,12 @@ type Options struct {
 	// dead host's locks sooner, but a host that cannot reach the cluster
 	// for that long loses its locks. Zero means [DefaultLockTTL] (10 s).
 	LockTTL time.Duration
+
+	// OldDataKeys are data keys that still open values but no longer
+	// seal any: the keys a rotation replaced, kept until
+	// [EtcdStore.Reseal] has sealed everything with DataKey (see the
+	// package doc). Each is 32 bytes; Open copies them. Empty means none.
+	OldDataKeys [][]byte
 }
 
 // EtcdStore is a [credproxy.Store], [credproxy.StoreCloser] and
@@ -137,7 +143,7 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 	if len(opts.Endpoints) == 0 {
 		return nil, errors.New("credproxy: etcdstore: Options.Endpoints is empty")
 	}
-	sl, err := newSealer(opts.DataKey)
+	sl, err := newSealer(opts.DataKey, opts.OldDataKeys...)
 	if err != nil {
 		return nil, err
 	}
