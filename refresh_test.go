@@ -233,65 +233,9 @@ func noRefreshTokenIn(t *testing.T, where, text string) {
 
 // --- refresh_token (R12–R15) ---
 
-// R12: 50 concurrent refresh requests for one key, over 5 connections,
-// make exactly one call to a real token endpoint, and all get the same
-// token; the rotated refresh token is stored and never sent.
-func TestRefreshConcurrentRequestsMakeOneProviderCall(t *testing.T) {
-	e := newTokenEndpoint(time.Hour)
-	hs := httptest.NewServer(e)
-	defer hs.Close()
-	logger, logs := debugLogger()
-	st := storeWith(t, nil, nil)
-	st.SaveToken(context.Background(), "anthropic", "", expiringToken(t, -time.Minute))
-	_, path := startServer(t, Options{Store: st, Logger: logger, RateLimit: -1,
-		Refreshers: map[string]Refresher{"anthropic": refresherFor(hs.URL, hs.Client())}})
-
-	var wg sync.WaitGroup
-	got := make(chan string, 50)
-	for range 5 {
-		c := newTestClient(t, path, ClientOptions{})
-		for range 10 {
-			wg.Go(func() {
-				tok, err := c.RefreshToken(context.Background(), "anthropic", "")
-				if err != nil {
-					t.Errorf("RefreshToken: %v", err)
-					return
-				}
-				got <- string(tok.Reveal())
-			})
-		}
-	}
-	wg.Wait()
-	close(got)
-	first := ""
-	for js := range got {
-		if first == "" {
-			first = js
-		}
-		if js != first {
-			t.Errorf("tokens differ:\n%s\n%s", first, js)
-		}
-	}
-	if n := e.callCount(); n != 1 {
-		t.Errorf("50 concurrent refreshes made %d endpoint calls, want 1", n)
-	}
-	if !strings.Contains(first, `"access_token":"fake-access-1"`) || !strings.Contains(first, `"account_id":"acct-7"`) {
-		t.Errorf("refreshed token %s: want the new access token merged into the stored token", first)
-	}
-	if tok, _ := st.GetToken(context.Background(), "anthropic", ""); string(tok.RefreshToken()) != func() string { _, c := e.state(); return c }() {
-		t.Errorf("stored refresh token is not the rotated one")
-	}
-
-	raw := dialRaw(t, path)
-	raw.handshake()
-	raw.send(`{"v":1,"id":"r","op":"refresh_token","payload":{"provider":"anthropic"}}`)
-	frame := raw.recv()
-	if !strings.Contains(frame, `"ok":true`) {
-		t.Fatalf("raw refresh_token: %s", frame)
-	}
-	noRefreshTokenIn(t, "a refresh_token response on the wire", frame)
-	noRefreshTokenIn(t, "the debug log", logs.String())
-}
+// R12, one refresh for many concurrent requests on one server and on two
+// servers sharing a store, is credproxytest.TestServer's, on every store
+// (suites_test.go).
 
 // R12, R13: refresh tokens rotate: each refresh presents the latest one,
 // which the endpoint accepts exactly once, and the store ends with the
