@@ -30,6 +30,19 @@ func sealV1(t testing.TB, key []byte, name string, plaintext []byte) []byte {
 	return aead.Seal([]byte{formatV1}, nil, plaintext, aad(name))
 }
 
+// openWithKeys opens a store on c's cluster under prefix with data key key
+// and old keys old, as a host is configured during a rotation, and closes
+// it when t ends.
+func (c *testCluster) openWithKeys(t *testing.T, prefix string, key []byte, old ...[]byte) *EtcdStore {
+	t.Helper()
+	st, err := Open(t.Context(), Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: key, OldDataKeys: old})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
 func newKey(t testing.TB) []byte {
 	k := make([]byte, DataKeySize)
 	rand.Read(k)
@@ -111,14 +124,6 @@ func TestRotation(t *testing.T) {
 	ctx := t.Context()
 	oldKey, curKey := c.key, newKey(t)
 	const prefix = "/rot/"
-	open := func(key []byte, old ...[]byte) *EtcdStore {
-		st, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: key, OldDataKeys: old})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
-		return st
-	}
 	before := c.openStore(t, prefix)
 	if err := before.SaveToken(ctx, "anthropic", "", mustToken(t, anthropicToken)); err != nil {
 		t.Fatal(err)
@@ -137,7 +142,7 @@ func TestRotation(t *testing.T) {
 	}
 	defer unlock()
 
-	rotated, newOnly := open(curKey, oldKey), open(curKey)
+	rotated, newOnly := c.openWithKeys(t, prefix, curKey, oldKey), c.openWithKeys(t, prefix, curKey)
 	readAll := func(st *EtcdStore) error {
 		tok, err := st.GetToken(ctx, "anthropic", "")
 		if err == nil && !tok.Equal(mustToken(t, anthropicToken)) {
@@ -218,11 +223,7 @@ func TestResealLosesNoConcurrentWrite(t *testing.T) {
 	oldKey, curKey := c.key, newKey(t)
 	const prefix = "/race/"
 	before := c.openStore(t, prefix)
-	rotated, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: curKey, OldDataKeys: [][]byte{oldKey}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rotated.Close()
+	rotated := c.openWithKeys(t, prefix, curKey, oldKey)
 	raw := c.rawClient(t)
 	for i, tc := range []struct {
 		desc    string
@@ -280,15 +281,7 @@ func TestResealDuringWrites(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	hosts := make([]*EtcdStore, 2)
-	for i := range hosts {
-		st, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: curKey, OldDataKeys: [][]byte{oldKey}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer st.Close()
-		hosts[i] = st
-	}
+	hosts := []*EtcdStore{c.openWithKeys(t, prefix, curKey, oldKey), c.openWithKeys(t, prefix, curKey, oldKey)}
 	var wg sync.WaitGroup
 	for _, st := range hosts {
 		wg.Go(func() {
@@ -310,11 +303,7 @@ func TestResealDuringWrites(t *testing.T) {
 		}
 	})
 	wg.Wait()
-	newOnly, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: curKey})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer newOnly.Close()
+	newOnly := c.openWithKeys(t, prefix, curKey)
 	for i := range items {
 		tok, err := newOnly.GetToken(ctx, "p", fmt.Sprintf("b%d", i))
 		if err != nil || counter(t, tok) != 2*rounds {
