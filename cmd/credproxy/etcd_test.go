@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/credproxy/credproxy"
 	"github.com/credproxy/credproxy/etcdstore/etcdtest"
@@ -112,5 +114,41 @@ func TestServeOnEtcdRefusesWhatItCannotUse(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The README's "Running a fleet" walk-through, run as written (a
+// three-member cluster of Debian's etcd on loopback, two serve processes
+// on it): each host serves the token without its refresh token, and
+// etcdctl finds no token in etcd. It uses fixed ports 23791-23793 and
+// 23801-23803, as the README does.
+func TestREADMEFleetSectionRunsAsWritten(t *testing.T) {
+	needTool(t, "etcd", "etcd-server")
+	needTool(t, "etcdctl", "etcd-client")
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(readme), "\n## Running a fleet\n")
+	_, block, _ := strings.Cut(section, "\n```sh\n")
+	block, _, _ = strings.Cut(block, "\n```\n")
+	if !strings.Contains(block, "etcd --name") {
+		t.Fatalf("README's fleet section has no shell block starting a cluster:\n%s", block)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", "-c", block)
+	cmd.Dir = "../.."
+	cmd.Env = append(hostEnv(t), "DEBIAN_FRONTEND=noninteractive")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("the README's fleet block: %v\n%s", err, out)
+	}
+	got := string(out)
+	if n := strings.Count(got, `{"access_token":"fake-fleet-access","expiry":4102444800}`); n != 2 {
+		t.Errorf("the two hosts served the token %d times, want 2:\n%s", n, got)
+	}
+	if strings.Contains(got, "fake-fleet-refresh") || !strings.Contains(got, "\n0\n") {
+		t.Errorf("a refresh token reached a sandbox, or etcdctl found a token in etcd:\n%s", got)
 	}
 }
