@@ -114,6 +114,16 @@ func splitList(v string) []string {
 	return out
 }
 
+// secretEnv names the variables cfg reads secrets from, which a sandboxed
+// command must not inherit.
+func (cfg etcdConfig) secretEnv() []string {
+	names := []string{etcdPasswordEnv, etcdDataKeyEnv}
+	if kind, name, _ := strings.Cut(cfg.DataKey, ":"); kind == "env" && name != "" {
+		names = append(names, name)
+	}
+	return names
+}
+
 // openEtcdStore opens the fleet's store that cfg describes (and the
 // environment completes), logging what the store reports on log.
 func openEtcdStore(ctx context.Context, cfg etcdConfig, log *slog.Logger, std stdio) (credproxy.StoreCloser, error) {

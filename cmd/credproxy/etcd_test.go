@@ -152,3 +152,26 @@ func TestREADMEFleetSectionRunsAsWritten(t *testing.T) {
 		t.Errorf("a refresh token reached a sandbox, or etcdctl found a token in etcd:\n%s", got)
 	}
 }
+
+// run -store etcd holds the fleet's data key and etcd password in its
+// environment (CREDPROXY_ETCD_DATA_KEY, CREDPROXY_ETCD_PASSWORD, or the
+// variable -etcd-data-key env:NAME names); the command it starts, the
+// sandbox, gets none of them: the data key opens every host's tokens.
+func TestRunHidesTheFleetSecretsFromItsCommand(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	key := hex.EncodeToString(c.DataKey)
+	show := `echo "[$CREDPROXY_ETCD_DATA_KEY][$CREDPROXY_ETCD_PASSWORD][$FLEET_KEY]"`
+	for _, args := range [][]string{
+		{"-etcd-endpoints", c.Endpoint(0)},
+		{"-etcd-endpoints", c.Endpoint(0), "-etcd-data-key", "env:FLEET_KEY"},
+	} {
+		env := append(hostEnv(t), etcdPasswordEnv+"=fake-etcd-password")
+		if args[len(args)-1] == "env:FLEET_KEY" {
+			env = append(env, "FLEET_KEY="+key)
+		} else {
+			env = append(env, etcdDataKeyEnv+"="+key)
+		}
+		args = append(append([]string{"run", "-store", "etcd"}, args...), "--", "sh", "-c", show)
+		credproxyCmd(t, env, "", args...).want(t, 0, "[][][]\n")
+	}
+}

@@ -27,6 +27,7 @@ type proxyFlags struct {
 	inject     []string
 	injectAddr string
 	etcd       etcdConfig // the -etcd-* flags, over the providers file's
+	secretEnv  []string   // variables that hold the store's secrets, kept from CMD
 
 	injected *injection // what -inject asks for, once newServer has read the providers file
 }
@@ -182,7 +183,9 @@ func (p *proxyFlags) openStore(ctx context.Context, provs providers, std stdio) 
 		if p.importFile != "" {
 			return nil, usageError("-import works with -store memory; to put credentials into the fleet's store use 'credproxy token set' and 'credproxy key set' with %s=etcd", storeEnv)
 		}
-		return openEtcdStore(ctx, provs.etcd.overriddenBy(p.etcd), p.logger(std), std)
+		cfg := provs.etcd.overriddenBy(p.etcd)
+		p.secretEnv = cfg.secretEnv()
+		return openEtcdStore(ctx, cfg, p.logger(std), std)
 	case "memory":
 		st := credproxy.NewMemoryStore()
 		if p.importFile != "" {

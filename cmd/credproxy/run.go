@@ -135,10 +135,13 @@ func relaySignals(cmd *exec.Cmd, signals <-chan os.Signal, std stdio) int {
 }
 
 // commandEnv is CMD's environment: run's own, without the store's
-// password and what the session sets, then the session's variables and,
+// secrets (the keyring's password; the fleet's data key and etcd
+// password, which would open every host's tokens) and what the session
+// sets, then the session's variables and,
 // with -inject, the injection's, phantom credential included.
 func (p *proxyFlags) commandEnv(sess *credproxy.Session) []string {
-	drop := []string{credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv}
+	drop := []string{credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv, etcdDataKeyEnv, etcdPasswordEnv}
+	drop = append(drop, p.secretEnv...)
 	var add []string
 	if p.injected != nil {
 		drop = append(drop, p.injected.names()...)
