@@ -44,6 +44,7 @@ type etcdConfig struct {
 	PasswordFile string   `json:"password_file,omitempty"`
 	LockTTL      string   `json:"lock_ttl,omitempty"`
 	DataKey      string   `json:"data_key,omitempty"`
+	OldDataKeys  []string `json:"old_data_keys,omitempty"`
 }
 
 const etcdHelp = `With -store etcd (or CREDPROXY_STORE=etcd, which every command reads), the
@@ -58,7 +59,8 @@ which win:
             "cert_file": "/etc/credproxy/host.pem", "key_file": "/etc/credproxy/host-key.pem",
             "username": "credproxy", "password_file": "/etc/credproxy/etcd-password",
             "prefix": "/credproxy/", "lock_ttl": "10s",
-            "data_key": "file:/etc/credproxy/data-key"}}
+            "data_key": "file:/etc/credproxy/data-key",
+            "old_data_keys": ["file:/etc/credproxy/data-key.old"]}}
 
 endpoints (or CREDPROXY_ETCD_ENDPOINTS, comma-separated) is required; http is
 for loopback only unless there is no password. The password comes from
@@ -68,6 +70,11 @@ rand -hex 32'): file:PATH (readable by its owner only), env:NAME, or
 keyring:NAME (an API key in the host's keyring store); by default
 env:CREDPROXY_ETCD_DATA_KEY. Every host of a fleet needs the same key and
 prefix. lock_ttl is how long a dead or cut-off host's refresh lock lasts.
+
+To rotate the data key: give every host the new key as data_key and the old
+one in old_data_keys (sources as data_key's), which still open what it
+sealed; run 'credproxy reseal' once, from one host, to seal everything with
+the new key; then drop old_data_keys and destroy the old key.
 `
 
 // registerEtcdFlags adds the -etcd-* flags, which override cfg's members.
@@ -83,6 +90,7 @@ func registerEtcdFlags(fs *flag.FlagSet, cfg *etcdConfig) {
 	fs.StringVar(&cfg.Username, "etcd-user", "", "with -store etcd, the etcd user `name` (password: $"+etcdPasswordEnv+" or -etcd-password-file)")
 	fs.StringVar(&cfg.PasswordFile, "etcd-password-file", "", "with -store etcd, the `file` holding the etcd user's password")
 	fs.StringVar(&cfg.LockTTL, "etcd-lock-ttl", "", "with -store etcd, how long a dead host's refresh lock lasts (`duration`, default 10s)")
+	fs.Func("etcd-old-data-key", "with -store etcd, where a data key that a rotation replaced is (`source`, as -etcd-data-key; repeatable): it still opens, never seals", appendTo(&cfg.OldDataKeys))
 	fs.StringVar(&cfg.DataKey, "etcd-data-key", "", "with -store etcd, where the fleet's data key is: file:PATH, env:NAME or keyring:NAME (`source`; default env:"+etcdDataKeyEnv+")")
 }
 
@@ -91,6 +99,9 @@ func registerEtcdFlags(fs *flag.FlagSet, cfg *etcdConfig) {
 func (cfg etcdConfig) overriddenBy(flags etcdConfig) etcdConfig {
 	if len(flags.Endpoints) > 0 {
 		cfg.Endpoints = flags.Endpoints
+	}
+	if len(flags.OldDataKeys) > 0 {
+		cfg.OldDataKeys = flags.OldDataKeys
 	}
 	for _, m := range []struct{ dst, src *string }{
 		{&cfg.Prefix, &flags.Prefix}, {&cfg.CAFile, &flags.CAFile}, {&cfg.CertFile, &flags.CertFile},
@@ -118,8 +129,10 @@ func splitList(v string) []string {
 // command must not inherit.
 func (cfg etcdConfig) secretEnv() []string {
 	names := []string{etcdPasswordEnv, etcdDataKeyEnv}
-	if kind, name, _ := strings.Cut(cfg.DataKey, ":"); kind == "env" && name != "" {
-		names = append(names, name)
+	for _, source := range append([]string{cfg.DataKey}, cfg.OldDataKeys...) {
+		if kind, name, _ := strings.Cut(source, ":"); kind == "env" && name != "" {
+			names = append(names, name)
+		}
 	}
 	return names
 }
@@ -172,6 +185,16 @@ func (cfg etcdConfig) options(ctx context.Context, std stdio) (etcdstore.Options
 	}
 	if opts.DataKey, err = dataKey(ctx, cfg.DataKey); err != nil {
 		return opts, err
+	}
+	for _, source := range cfg.OldDataKeys {
+		if source == "" {
+			return opts, errors.New("an empty old data key source: write file:PATH, env:NAME or keyring:NAME")
+		}
+		key, err := dataKey(ctx, source)
+		if err != nil {
+			return opts, fmt.Errorf("old data key: %w", err)
+		}
+		opts.OldDataKeys = append(opts.OldDataKeys, key)
 	}
 	return opts, nil
 }

@@ -175,3 +175,40 @@ func TestRunHidesTheFleetSecretsFromItsCommand(t *testing.T) {
 		credproxyCmd(t, env, "", args...).want(t, 0, "[][][]\n")
 	}
 }
+
+// A data key rotation as 'credproxy reseal -help' describes it: the token
+// sealed with the old key is read by hosts given the new key and the old
+// one; reseal seals it again (once: a second run seals nothing); then a
+// host with the new key alone reads it, and one with the old key alone
+// cannot, and is told to add the key that sealed it.
+func TestResealRotatesTheFleetsDataKey(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	oldKey, newKey := hex.EncodeToString(c.DataKey), strings.Repeat("5e", 32)
+	base := fleetEnv(t, c, "/rotate/")
+	credproxyCmd(t, base, tokenJSON, "token", "set", "anthropic").want(t, 0, "")
+
+	both := append(base, "OLD_KEY="+oldKey, "NEW_KEY="+newKey)
+	withFlags := func(env []string, data string, old ...string) []string {
+		cfg, _ := json.Marshal(map[string]any{"providers": map[string]any{}, "etcd": map[string]any{
+			"endpoints": c.Endpoints(), "prefix": "/rotate/", "data_key": data, "old_data_keys": old}})
+		path := filepath.Join(t.TempDir(), "providers.json")
+		os.WriteFile(path, cfg, 0o600)
+		return append(env, "CREDPROXY_PROVIDERS="+path)
+	}
+	rotating := withFlags(both, "env:NEW_KEY", "env:OLD_KEY")
+	credproxyCmd(t, rotating, "", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
+	credproxyCmd(t, rotating, "", "reseal").want(t, 0, "sealed 1 items again with the current data key\n")
+	credproxyCmd(t, rotating, "", "reseal").want(t, 0, "sealed 0 items again with the current data key\n")
+
+	credproxyCmd(t, withFlags(both, "env:NEW_KEY"), "", "token", "get", "anthropic").want(t, 0, sanitised+"\n")
+	r := credproxyCmd(t, withFlags(both, "env:OLD_KEY"), "", "token", "get", "anthropic")
+	t.Logf("a host with the old key alone: %s", r.stderr)
+	if r.code != 1 || !strings.Contains(r.stderr, "OldDataKeys") && !strings.Contains(r.stderr, "old_data_keys") {
+		t.Errorf("a host with the old key alone: %+v; want an error naming the key to add", r)
+	}
+	for _, secret := range []string{oldKey, newKey} {
+		if strings.Contains(r.stderr, secret) {
+			t.Errorf("stderr holds a data key: %s", r.stderr)
+		}
+	}
+}

@@ -44,6 +44,7 @@ Usage:
   credproxy login PROVIDER [BUCKET]        log in to a provider on the host, store the token
   credproxy logout PROVIDER [BUCKET]       revoke the token at the provider, remove it
   credproxy providers                      list the providers configured and the tokens' states
+  credproxy reseal                         seal a fleet's etcd store again with its current data key
   credproxy version                        print the version
 
 Run 'credproxy COMMAND -help' for a command's flags and a worked example.
@@ -101,6 +102,8 @@ func mainWith(args []string, std stdio) int {
 		err = keyCommand(ctx, args, std)
 	case "providers":
 		err = providersCommand(ctx, args, std)
+	case "reseal":
+		err = resealCommand(ctx, args, std)
 	case "login":
 		err = loginCommand(ctx, args, std)
 	case "logout":
@@ -109,7 +112,7 @@ func mainWith(args []string, std stdio) int {
 		err = versionCommand(args, std)
 	case "help", "-h", "-help", "--help":
 		switch {
-		case len(args) > 0 && slices.Contains([]string{"run", "serve", "forward", "token", "key", "login", "logout", "providers", "version"}, args[0]):
+		case len(args) > 0 && slices.Contains([]string{"run", "serve", "forward", "token", "key", "login", "logout", "providers", "reseal", "version"}, args[0]):
 			return mainWith([]string{args[0], "-help"}, std)
 		case len(args) > 0:
 			return report(usageError("no command %q; run 'credproxy help'", args[0]), std)
