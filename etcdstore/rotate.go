@@ -70,15 +70,18 @@ func (s *EtcdStore) resealItem(ctx context.Context, key string, value []byte, re
 		if current {
 			return false, nil
 		}
+		sealed := s.seal.seal(key, pt)
 		resp, err := s.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
-			Then(clientv3.OpPut(key, string(s.seal.seal(key, pt)))).
+			Then(clientv3.OpPut(key, string(sealed))).
 			Else(clientv3.OpGet(key)).
 			Commit()
 		if err != nil {
 			return false, wrapErr(ctx, "reseal", err)
 		}
 		if resp.Succeeded {
+			// Read-your-writes, as for every write of the store.
+			s.cache.put(key, s.cache.decode(key, sealed, resp.Header.Revision))
 			return true, nil
 		}
 		// Another write won; the Else branch read it.

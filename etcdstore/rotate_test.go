@@ -172,13 +172,12 @@ func TestRotation(t *testing.T) {
 	if n, err := rotated.Reseal(ctx); err != nil || n != 0 {
 		t.Errorf("Reseal again = %d, %v; want 0", n, err)
 	}
-	if err := readAll(newOnly); err != nil {
-		t.Errorf("a host with only the new key, after Reseal: %v", err)
-	}
-	_, err = before.GetAPIKey(ctx, "openai")
-	if !errors.Is(err, ErrUnseal) || !strings.Contains(err.Error(), DataKeyID(curKey)) {
-		t.Errorf("a host with only the old key, after Reseal: %v, want ErrUnseal naming the new key's id", err)
-	}
+	// Other hosts see the rewrites once their watch brings them.
+	waitFor(t, "a host with only the new key to read everything after Reseal", func() bool { return readAll(newOnly) == nil })
+	waitFor(t, "a host with only the old key to fail with ErrUnseal naming the new key's id", func() bool {
+		_, err := before.GetAPIKey(ctx, "openai")
+		return errors.Is(err, ErrUnseal) && strings.Contains(err.Error(), DataKeyID(curKey))
+	})
 	resp, err := raw.Get(ctx, prefix, clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
@@ -205,9 +204,10 @@ func TestRotation(t *testing.T) {
 	if _, err := raw.Put(ctx, copied, string(resp.Kvs[0].Value)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := newOnly.GetAPIKey(ctx, "copy"); !errors.Is(err, ErrUnseal) {
-		t.Errorf("a resealed value copied to another name = %v, want ErrUnseal", err)
-	}
+	waitFor(t, "a resealed value copied to another name to fail with ErrUnseal", func() bool {
+		_, err := newOnly.GetAPIKey(ctx, "copy")
+		return errors.Is(err, ErrUnseal)
+	})
 	if _, err := rotated.Reseal(ctx); !errors.Is(err, ErrUnseal) || !strings.Contains(err.Error(), copied) {
 		t.Errorf("Reseal over a copied value = %v, want ErrUnseal naming %s", err, copied)
 	}
@@ -254,13 +254,20 @@ func TestResealLosesNoConcurrentWrite(t *testing.T) {
 			if err != nil || rewrote != tc.rewrote {
 				t.Errorf("resealItem = %v, %v; want %v", rewrote, err, tc.rewrote)
 			}
-			got, err := rotated.GetAPIKey(ctx, name)
-			switch {
-			case tc.want == "" && !errors.Is(err, credproxy.ErrNotFound):
-				t.Errorf("after a removal and a reseal: %v, want ErrNotFound (the item came back)", err)
-			case tc.want != "" && (err != nil || got != tc.want):
-				t.Errorf("after the write and a reseal: %q, %v; want the write's %q", got, err, tc.want)
+			// etcd itself holds the write's outcome (a removal did not
+			// come back), and this store reads it once its watch has
+			// brought another host's write.
+			after, err := raw.Get(ctx, key)
+			if err != nil || (tc.want == "") != (len(after.Kvs) == 0) {
+				t.Fatalf("etcd after the write and a reseal: %d keys, %v; want the write's outcome", len(after.Kvs), err)
 			}
+			waitFor(t, "the write's outcome to be read", func() bool {
+				got, err := rotated.GetAPIKey(ctx, name)
+				if tc.want == "" {
+					return errors.Is(err, credproxy.ErrNotFound)
+				}
+				return err == nil && got == tc.want
+			})
 		})
 	}
 }
