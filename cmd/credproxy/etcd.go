@@ -70,6 +70,24 @@ env:CREDPROXY_ETCD_DATA_KEY. Every host of a fleet needs the same key and
 prefix. lock_ttl is how long a dead or cut-off host's refresh lock lasts.
 `
 
+// hostSecretEnv is the variables that hold a store's secrets, which no
+// process credproxy starts (run's CMD, login's browser) inherits.
+func hostSecretEnv() []string {
+	return []string{credproxy.KeyringPasswordEnv, etcdPasswordEnv, etcdDataKeyEnv}
+}
+
+// dataKeyEnv is the variable that cfg's data key source reads (env:NAME,
+// or the default), or "" for a file or keyring source.
+func (cfg etcdConfig) dataKeyEnv() string {
+	if cfg.DataKey == "" {
+		return etcdDataKeyEnv
+	}
+	if kind, name, _ := strings.Cut(cfg.DataKey, ":"); kind == "env" {
+		return name
+	}
+	return ""
+}
+
 // registerEtcdFlags adds the -etcd-* flags, which override cfg's members.
 func registerEtcdFlags(fs *flag.FlagSet, cfg *etcdConfig) {
 	fs.Func("etcd-endpoints", "with -store etcd, the cluster's client `URLs`, comma-separated (default: $"+etcdEndpointsEnv+", else the providers file's etcd.endpoints)", func(v string) error {

@@ -152,3 +152,32 @@ func TestREADMEFleetSectionRunsAsWritten(t *testing.T) {
 		t.Errorf("a refresh token reached a sandbox, or etcdctl found a token in etcd:\n%s", got)
 	}
 }
+
+// run -store etcd keeps the fleet's secrets out of CMD's environment, as
+// it keeps CREDPROXY_KEYRING_PASSWORD out: the data key (in
+// CREDPROXY_ETCD_DATA_KEY, or in the variable an env:NAME source names)
+// opens every value in the fleet's etcd, and the etcd password reaches
+// the cluster; the sandboxed command must get neither.
+func TestRunOnEtcdKeepsFleetSecretsFromCommand(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	key := hex.EncodeToString(c.DataKey)
+	host := append(fleetEnv(t, c, "/fleet-run/"), etcdDataKeyEnv+"="+key, etcdPasswordEnv+"=fake-etcd-password")
+	for _, source := range []string{"env:" + etcdDataKeyEnv, "env:MY_FLEET_DATA_KEY"} {
+		t.Run(source, func(t *testing.T) {
+			env := host
+			if name := strings.TrimPrefix(source, "env:"); name != etcdDataKeyEnv {
+				env = append(env[:len(env):len(env)], name+"="+key)
+			}
+			r := credproxyCmd(t, env, "", "run", "-store", "etcd", "-etcd-data-key", source,
+				"-allow-provider", "anthropic", "--", "env")
+			if r.code != 0 || !strings.Contains(r.stdout, credproxy.SocketEnv+"=") {
+				t.Fatalf("run exited %d; stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+			}
+			for _, kv := range strings.Split(r.stdout, "\n") {
+				if name, value, _ := strings.Cut(kv, "="); strings.Contains(value, key) || strings.Contains(value, "fake-etcd-password") {
+					t.Errorf("CMD's environment holds a fleet secret in %s", name)
+				}
+			}
+		})
+	}
+}

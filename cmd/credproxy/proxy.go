@@ -27,6 +27,9 @@ type proxyFlags struct {
 	inject     []string
 	injectAddr string
 	etcd       etcdConfig // the -etcd-* flags, over the providers file's
+	// dataKeyEnv is the variable an env:NAME data key source names, once
+	// the etcd store is open: run keeps it from CMD's environment.
+	dataKeyEnv string
 
 	injected *injection // what -inject asks for, once newServer has read the providers file
 }
@@ -182,7 +185,9 @@ func (p *proxyFlags) openStore(ctx context.Context, provs providers, std stdio) 
 		if p.importFile != "" {
 			return nil, usageError("-import works with -store memory; to put credentials into the fleet's store use 'credproxy token set' and 'credproxy key set' with %s=etcd", storeEnv)
 		}
-		return openEtcdStore(ctx, provs.etcd.overriddenBy(p.etcd), p.logger(std), std)
+		cfg := provs.etcd.overriddenBy(p.etcd)
+		p.dataKeyEnv = cfg.dataKeyEnv()
+		return openEtcdStore(ctx, cfg, p.logger(std), std)
 	case "memory":
 		st := credproxy.NewMemoryStore()
 		if p.importFile != "" {
