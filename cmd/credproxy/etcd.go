@@ -261,6 +261,10 @@ func checkEndpoints(opts etcdstore.Options, std stdio) error {
 	return nil
 }
 
+// errBadKeySource refuses a data key source of no known kind without
+// quoting it: what was written there may be the key itself.
+var errBadKeySource = errors.New("the data key source (not shown: it may be the key itself) is none of file:PATH, env:NAME or keyring:NAME")
+
 // dataKey reads the fleet's data key from source: file:PATH, env:NAME or
 // keyring:NAME; "" is env:CREDPROXY_ETCD_DATA_KEY.
 func dataKey(ctx context.Context, source string) ([]byte, error) {
@@ -271,7 +275,7 @@ func dataKey(ctx context.Context, source string) ([]byte, error) {
 	var text string
 	switch {
 	case name == "":
-		return nil, fmt.Errorf("data key source %q: write file:PATH, env:NAME or keyring:NAME", source)
+		return nil, errBadKeySource
 	case kind == "file":
 		data, err := readPrivateFile(name, "the data key file")
 		if err != nil {
@@ -294,7 +298,7 @@ func dataKey(ctx context.Context, source string) ([]byte, error) {
 		}
 		text = string(key)
 	default:
-		return nil, fmt.Errorf("data key source %q: write file:PATH, env:NAME or keyring:NAME", source)
+		return nil, errBadKeySource
 	}
 	key, err := hex.DecodeString(strings.TrimSpace(text))
 	if err != nil || len(key) != etcdstore.DataKeySize {
