@@ -56,11 +56,19 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	// Merge with what is stored now rather than with what was read before
 	// the call: the same under the lock, but a store that can update
 	// atomically ([TokenUpdater]) then keeps a write made by a host that
-	// took over a lock this one lost while waiting for the provider.
+	// took over a lock this one lost while waiting for the provider. If
+	// that host stored another refresh token, it refreshed (or the user
+	// logged in again) after this call began: its token is the newer, and
+	// is kept, with this answer dropped.
 	var dropped []string
+	var newer Token
 	merged, err := co.srv.updateToken(ctx, provider, bucket, func(cur Token, found bool) (Token, error) {
 		if !found {
 			return Token{}, ErrNotFound // removed meanwhile: the logout wins
+		}
+		if cur.RefreshToken() != stored.RefreshToken() {
+			newer = cur
+			return Token{}, errChangedMeanwhile
 		}
 		if _, ok := fresh.lookup(fieldExpiry); !ok {
 			cur = cur.without(fieldExpiry) // never inherit a stale expiry
@@ -73,6 +81,10 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 		return m, nil
 	})
 	switch {
+	case errors.Is(err, errChangedMeanwhile):
+		co.srv.log.Warn("credproxy: refreshed token dropped: another process stored a newer one while the provider answered (this host's lock was lost)",
+			"provider", provider, "bucket", bucket)
+		return newer, false, nil
 	case errors.Is(err, errTokenTooLarge):
 		co.srv.log.Warn("credproxy: refresh failed", "provider", provider, "bucket", bucket, "err", errTokenTooLarge.Error())
 		co.keepRotated(ctx, provider, bucket, stored, fresh)
@@ -104,9 +116,12 @@ func (co *coordinator) keepRotated(ctx context.Context, provider, bucket string,
 		if !found {
 			return Token{}, ErrNotFound
 		}
+		if cur.RefreshToken() != stored.RefreshToken() {
+			return Token{}, errChangedMeanwhile // another process stored a newer one
+		}
 		return cur.Merge(fresh.only(fieldRefreshToken)), nil
 	})
-	if err != nil {
+	if err != nil && !errors.Is(err, errChangedMeanwhile) {
 		co.logError("credproxy: a rotated refresh token could not be saved; the user may have to log in again",
 			provider, bucket, err, stored, fresh)
 	}

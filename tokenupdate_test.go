@@ -126,3 +126,37 @@ func TestRefreshedTokenMergesWithTheTokenStoredWhenTheProviderAnswers(t *testing
 		t.Errorf("stored after the refresh: %s; want fake-refresh-2 and the account_id written meanwhile", got.Reveal())
 	}
 }
+
+// A refresh whose lock was taken over while the provider answered (the
+// host's lease expired: it was paused or cut off) does not overwrite the
+// token the new holder refreshed and stored meanwhile: that one, with its
+// rotated refresh token, stays, as README's "Running a fleet" promises
+// ("a host that lost its lock while waiting for the provider cannot
+// overwrite what another host stored since"), and the stale answer is
+// dropped.
+func TestStaleRefreshDoesNotOverwriteAnotherHostsRefresh(t *testing.T) {
+	ctx := t.Context()
+	st := NewMemoryStore()
+	st.SaveToken(ctx, "anthropic", "", mustToken(t, `{"access_token":"fake-access-0","refresh_token":"fake-refresh-0","expiry":1}`))
+	other := mustToken(t, `{"access_token":"fake-access-b","refresh_token":"fake-refresh-b","expiry":4102444800}`)
+	refresher := RefresherFunc(func(ctx context.Context, tok Token) (Token, error) {
+		// Meanwhile, another host took over the lock, refreshed and stored.
+		st.SaveToken(ctx, "anthropic", "", other)
+		return mustToken(t, `{"access_token":"fake-access-a","refresh_token":"fake-refresh-a","expires_in":3600}`), nil
+	})
+	_, path := startServer(t, Options{Store: st, Policy: &Grant{Providers: []string{"*"}}, DisableRenewal: true,
+		Refreshers: map[string]Refresher{"anthropic": refresher}})
+	c := NewClient(path, ClientOptions{})
+	defer c.Close()
+	got, err := c.RefreshToken(ctx, "anthropic", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got.AccessToken()) != "fake-access-b" {
+		t.Errorf("refresh_token served %s; want the other host's fake-access-b", string(got.AccessToken()))
+	}
+	stored, _ := st.GetToken(ctx, "anthropic", "")
+	if !stored.Equal(other) {
+		t.Errorf("stored after the stale refresh: %s; want the other host's token kept", stored.Reveal())
+	}
+}

@@ -22,6 +22,18 @@
 // user, or in the environment of a service manager that loads it from a
 // credential store. Every host of a fleet needs the same key.
 //
+// Sealing keeps values secret and bound to their names; it cannot keep
+// them current. Someone who can write to etcd (an operator, a compromised
+// member, a restored backup or snapshot) can put back a value that the
+// same item held earlier, and it opens: it was sealed for that very key
+// with the same data key. Hosts then serve the older token or API key, and
+// refresh with the older refresh token, which a provider that rotates
+// refresh tokens treats as reuse (it may revoke the login). Such a
+// rollback is not detected; restoring a backup of the store is one.
+// Rotating the data key ([EtcdStore.Reseal]) and dropping the old one
+// ends the replay of everything sealed before. Guard write access to the
+// cluster and its backups as you would the credentials' availability.
+//
 // # Rotating the data key
 //
 // Each value names, by a one-way id ([DataKeyID]), the data key that

@@ -38,7 +38,7 @@ func openBrowser(u string, std stdio) bool {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	// The browser is not ours to trust with the store's password, nor a
 	// session's socket.
-	cmd.Env = withoutEnv(os.Environ(), credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv)
+	cmd.Env = withoutEnv(os.Environ(), append(hostSecretEnv(), credproxy.SocketEnv, credproxy.CapabilityFDEnv)...)
 	cmd.Stderr = std.err
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(std.err, "credproxy: could not start a browser (%s): %v; open the URL yourself\n", argv[0], err)

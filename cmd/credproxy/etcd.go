@@ -77,6 +77,12 @@ sealed; run 'credproxy reseal' once, from one host, to seal everything with
 the new key; then drop old_data_keys and destroy the old key.
 `
 
+// hostSecretEnv is the variables that hold a store's secrets, which no
+// process credproxy starts (run's CMD, login's browser) inherits.
+func hostSecretEnv() []string {
+	return []string{credproxy.KeyringPasswordEnv, etcdPasswordEnv, etcdDataKeyEnv}
+}
+
 // registerEtcdFlags adds the -etcd-* flags, which override cfg's members.
 func registerEtcdFlags(fs *flag.FlagSet, cfg *etcdConfig) {
 	fs.Func("etcd-endpoints", "with -store etcd, the cluster's client `URLs`, comma-separated (default: $"+etcdEndpointsEnv+", else the providers file's etcd.endpoints)", func(v string) error {
@@ -276,6 +282,10 @@ func checkEndpoints(opts etcdstore.Options, std stdio) error {
 	return nil
 }
 
+// errBadKeySource refuses a data key source of no known kind without
+// quoting it: what was written there may be the key itself.
+var errBadKeySource = errors.New("the data key source (not shown: it may be the key itself) is none of file:PATH, env:NAME or keyring:NAME")
+
 // dataKey reads the fleet's data key from source: file:PATH, env:NAME or
 // keyring:NAME; "" is env:CREDPROXY_ETCD_DATA_KEY.
 func dataKey(ctx context.Context, source string) ([]byte, error) {
@@ -286,7 +296,7 @@ func dataKey(ctx context.Context, source string) ([]byte, error) {
 	var text string
 	switch {
 	case name == "":
-		return nil, fmt.Errorf("data key source %q: write file:PATH, env:NAME or keyring:NAME", source)
+		return nil, errBadKeySource
 	case kind == "file":
 		data, err := readPrivateFile(name, "the data key file")
 		if err != nil {
@@ -309,7 +319,7 @@ func dataKey(ctx context.Context, source string) ([]byte, error) {
 		}
 		text = string(key)
 	default:
-		return nil, fmt.Errorf("data key source %q: write file:PATH, env:NAME or keyring:NAME", source)
+		return nil, errBadKeySource
 	}
 	key, err := hex.DecodeString(strings.TrimSpace(text))
 	if err != nil || len(key) != etcdstore.DataKeySize {

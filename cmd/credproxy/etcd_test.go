@@ -97,6 +97,9 @@ func TestServeOnEtcdRefusesWhatItCannotUse(t *testing.T) {
 		{"key file others may read", good, []string{"-etcd-data-key", "file:" + loose}, "chmod 600"},
 		{"key not 64 hex characters", good, []string{"-etcd-data-key", "file:" + short}, "not 64 hex characters"},
 		{"unknown key source", good, []string{"-etcd-data-key", "vault:x"}, "file:PATH, env:NAME or keyring:NAME"},
+		// The key itself where its source belongs: the error must not echo it into the log.
+		{"the key as its own source", good, []string{"-etcd-data-key", hex.EncodeToString(c.DataKey)}, "file:PATH, env:NAME or keyring:NAME"},
+		{"the key after a source's colon", good, []string{"-etcd-data-key", "hex:" + hex.EncodeToString(c.DataKey)}, "file:PATH, env:NAME or keyring:NAME"},
 		{"password in clear beyond loopback", append(good, etcdPasswordEnv+"=fake-etcd-password"),
 			[]string{"-etcd-endpoints", "http://192.0.2.1:2379", "-etcd-user", "u"}, "use https"},
 		{"certificate without key", good, []string{"-etcd-cert", loose}, "both its certificate and key"},

@@ -34,8 +34,10 @@ shuts the proxy down (5 s at most) and exits with CMD's status. If the proxy can
 not started and run exits 125. On Linux CMD is killed if run dies, and a run
 that is PID 1 (a container's entrypoint) reaps the orphaned processes
 reparented to it, so that they do not linger as zombies.
-CREDPROXY_KEYRING_PASSWORD is removed from CMD's environment, and run makes
-itself non-dumpable so that CMD cannot read it from /proc either.
+CREDPROXY_KEYRING_PASSWORD, CREDPROXY_ETCD_PASSWORD and the fleet's data key
+(CREDPROXY_ETCD_DATA_KEY, or the variable of an env:NAME data key source) are
+removed from CMD's environment, and run makes itself non-dumpable so that CMD
+cannot read them from /proc either.
 
 With -inject NAME (repeatable), the sandbox never holds NAME's credential,
 not even an access token: the session also serves an injecting HTTP front,
@@ -135,12 +137,12 @@ func relaySignals(cmd *exec.Cmd, signals <-chan os.Signal, std stdio) int {
 }
 
 // commandEnv is CMD's environment: run's own, without the store's
-// secrets (the keyring's password; the fleet's data key and etcd
-// password, which would open every host's tokens) and what the session
-// sets, then the session's variables and,
-// with -inject, the injection's, phantom credential included.
+// secrets (the keyring password; the etcd password and the fleet's data
+// keys, from their default variables or those env:NAME sources name) and
+// what the session sets, then the session's variables and, with -inject,
+// the injection's, phantom credential included.
 func (p *proxyFlags) commandEnv(sess *credproxy.Session) []string {
-	drop := []string{credproxy.KeyringPasswordEnv, credproxy.SocketEnv, credproxy.CapabilityFDEnv, etcdDataKeyEnv, etcdPasswordEnv}
+	drop := append(hostSecretEnv(), credproxy.SocketEnv, credproxy.CapabilityFDEnv)
 	drop = append(drop, p.secretEnv...)
 	var add []string
 	if p.injected != nil {
