@@ -31,6 +31,9 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 		return result{data: tok.appendSanitised(dst)}
 
 	case OpSaveToken:
+		if res, ok := writeBudget(ss); !ok {
+			return res
+		}
 		switch err := s.saveToken(ctx, ss, a.provider, a.bucket, a.token); {
 		case errors.Is(err, ErrNewTokenLimit):
 			return denied(err)
@@ -42,6 +45,9 @@ func (s *Server) exec(ctx context.Context, ss *Session, req *Request, a args, ds
 		return result{data: append(dst, "{}"...)}
 
 	case OpRemoveToken:
+		if res, ok := writeBudget(ss); !ok {
+			return res
+		}
 		if err := s.removeToken(ctx, a.provider, a.bucket); err != nil {
 			// Best effort: a logout must not fail in the sandbox.
 			s.logStoreError(op, a, err)
@@ -288,6 +294,18 @@ func (s *Server) refreshFailure(ctx context.Context, op Op, a args, err error) r
 	}
 	s.logStoreError(op, a, err)
 	return failure(CodeInternalError, "refresh failed")
+}
+
+// writeBudget takes a token write from the session's budget
+// ([SessionOptions].WriteRate), or returns RATE_LIMITED when it is spent.
+func writeBudget(ss *Session) (result, bool) {
+	ok, retryAfter := ss.writes.allow(time.Now())
+	if ok {
+		return result{}, true
+	}
+	res := failure(CodeRateLimited, "token writes too frequent; retry later")
+	res.retryAfter = retryAfter
+	return res, false
 }
 
 // denied turns a policy error into UNAUTHORIZED with a message and a

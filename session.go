@@ -31,6 +31,8 @@ const (
 	DefaultSessionRateLimit      = 120
 	DefaultServerIdleTimeout     = 10 * time.Minute
 	DefaultMaxNewTokens          = 16
+	DefaultSessionWriteRate      = 1
+	DefaultSessionWriteBurst     = 10
 )
 
 // SessionOptions configures a [Session]. Policy is required; every other
@@ -64,6 +66,17 @@ type SessionOptions struct {
 	// 120 and 120. A negative RateLimit switches the session's limit off.
 	RateLimit float64
 	RateBurst int
+
+	// WriteRate is the number of token writes (save_token and
+	// remove_token) per second the session may make, and WriteBurst how
+	// many at once, within its request budget. A store that keeps every
+	// revision until compacted (etcd) grows with each write, so a sandbox
+	// given writes must not write as fast as it can send. Zero means 1
+	// and 10. A negative WriteRate switches the limit off. Reads are not
+	// counted. ([Server.Serve]'s connections, trusted by uid, have no
+	// such budget.)
+	WriteRate  float64
+	WriteBurst int
 
 	// IdleTimeout closes a connection that has completed its handshake and
 	// then sent nothing for this long; clients reconnect when they next
@@ -125,6 +138,7 @@ type Session struct {
 	ctx      context.Context // ends when the session closes
 	cancel   context.CancelFunc
 	limiter  *connLimiter // the session's rate budget; nil: none
+	writes   *connLimiter // its token writes' budget; nil: none
 	refusals *refusalLog
 	phantom  Secret       // see Phantom
 	inject   *injectFront // nil: no routes
@@ -164,7 +178,7 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 			return nil, err
 		}
 	}
-	if opts.MaxConnections < 0 || opts.RateBurst < 0 {
+	if opts.MaxConnections < 0 || opts.RateBurst < 0 || opts.WriteBurst < 0 {
 		return nil, errors.New("credproxy: SessionOptions has a negative limit; use zero for the default")
 	}
 	setDefault(&opts.MaxConnections, DefaultSessionMaxConnections)
@@ -176,6 +190,10 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 	if opts.RateBurst == 0 {
 		opts.RateBurst = max(1, int(min(opts.RateLimit+0.999999, 1<<30)))
 	}
+	if opts.WriteRate == 0 {
+		opts.WriteRate = DefaultSessionWriteRate
+	}
+	setDefault(&opts.WriteBurst, DefaultSessionWriteBurst)
 	var routes map[string]*route
 	if len(opts.Routes) > 0 {
 		var err error
@@ -192,6 +210,7 @@ func (s *Server) NewSession(opts SessionOptions) (*Session, error) {
 	sess.idleTimeout = opts.IdleTimeout
 	sess.maxNew = int64(opts.MaxNewTokens)
 	sess.limiter = newConnLimiter(opts.RateLimit, opts.RateBurst)
+	sess.writes = newConnLimiter(opts.WriteRate, opts.WriteBurst)
 
 	if err := sess.makeDir(opts.Dir); err != nil {
 		sess.cancel()

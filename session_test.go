@@ -430,7 +430,7 @@ func TestSessionCreatesAtMostMaxNewTokens(t *testing.T) {
 	for _, tc := range []struct {
 		max, want int
 	}{{0, DefaultMaxNewTokens}, {5, 5}, {-1, 40}} {
-		sess := startSession(t, srv, SessionOptions{Policy: writeAll, MaxNewTokens: tc.max, RateLimit: -1})
+		sess := startSession(t, srv, SessionOptions{Policy: writeAll, MaxNewTokens: tc.max, RateLimit: -1, WriteRate: -1})
 		c := sessionClient(t, sess)
 		created := 0
 		for i := range 40 {
@@ -622,5 +622,51 @@ func TestSavesCannotGrowATokenWithoutLimit(t *testing.T) {
 	}
 	if stored, _ := st.GetToken(ctx, "anthropic", ""); len(stored.Reveal()) > maxSavedToken {
 		t.Errorf("stored token of %d bytes", len(stored.Reveal()))
+	}
+}
+
+// A session's token writes (save_token, remove_token) have a budget of
+// their own, on top of the request budget: by default a burst of 10 and
+// one a second after, so that a sandbox given writes cannot grow a store
+// that keeps every revision (etcd, until compacted) as fast as it can
+// send. Reads go on while writes are refused.
+func TestSessionTokenWritesHaveABudget(t *testing.T) {
+	for _, tc := range []struct {
+		opts       SessionOptions
+		sent, want int
+	}{
+		{SessionOptions{}, 12, DefaultSessionWriteBurst},
+		{SessionOptions{WriteRate: 0.001, WriteBurst: 3}, 5, 3},
+		{SessionOptions{WriteRate: -1}, 30, 30},
+	} {
+		srv := sessionServer(t, Options{Store: sessionSuiteStore(t), RateLimit: -1})
+		tc.opts.Policy = &Grant{Providers: []string{"*"}, Write: true}
+		tc.opts.RateLimit = -1
+		sess := startSession(t, srv, tc.opts)
+		r := dialRaw(t, sess.SocketPath())
+		r.handshakeWith(sess.CapabilityToken())
+		served, limited := 0, 0
+		for i := range tc.sent {
+			op := `"save_token","payload":{"provider":"anthropic","token":{"access_token":"fake-access-` + strconv.Itoa(i) + `"}}`
+			if i%2 == 1 {
+				op = `"remove_token","payload":{"provider":"openai"}`
+			}
+			r.send(`{"v":1,"id":"w` + strconv.Itoa(i) + `","op":` + op + `}`)
+			switch m := r.recvMap(); {
+			case m["ok"] == true:
+				served++
+			case m["code"] == string(CodeRateLimited) && m["retryAfter"].(float64) >= 1:
+				limited++
+			default:
+				t.Fatalf("write %d: %v", i, m)
+			}
+		}
+		if served != tc.want || limited != tc.sent-tc.want {
+			t.Errorf("%+v: %d writes: %d served, %d rate limited; want %d served", tc.opts, tc.sent, served, limited, tc.want)
+		}
+		r.send(`{"v":1,"id":"read","op":"get_token","payload":{"provider":"anthropic"}}`)
+		if m := r.recvMap(); m["ok"] != true {
+			t.Errorf("a read after the writes: %v", m)
+		}
 	}
 }
