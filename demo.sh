@@ -23,7 +23,7 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-CGO_ENABLED=0 go build -o "$work/credproxy" ./cmd/credproxy
+CGO_ENABLED=0 go -C cmd/credproxy build -o "$work/credproxy" .
 
 # A private host store for the demo (the encrypted file backend), with
 # obviously fake credentials. A real host would use its own, in ~/.config/credproxy.

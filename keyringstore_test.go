@@ -99,18 +99,16 @@ func scaled(n int) int {
 }
 
 // Every contract point of Store holds for the keyring store on every
-// backend that can run here: file, Secret Service (gnome-keyring), pass and
-// the kernel keyring.
+// backend that can run here: Secret Service (gnome-keyring), pass and the
+// kernel keyring. The file backend runs the suite, and the server suite,
+// in suites_test.go.
 func TestKeyringStoreConformance(t *testing.T) {
 	t.Parallel() // a process or processes of its own; overlaps the others
-	t.Run("file", func(t *testing.T) {
-		testStoreConformance(t, func(t *testing.T) Store { return openFileStore(t, storeDir(t)) })
-	})
 	t.Run("keyctl", func(t *testing.T) {
 		if runtime.GOOS != "linux" {
 			t.Skip("the kernel keyring is Linux's")
 		}
-		testStoreConformance(t, func(t *testing.T) Store {
+		StoreSuite(t, func(t *testing.T) Store {
 			st, err := OpenKeyringStore(KeyringOptions{Backend: "keyctl", Dir: storeDir(t)})
 			if err != nil {
 				t.Fatal(err)
@@ -123,7 +121,7 @@ func TestKeyringStoreConformance(t *testing.T) {
 	t.Run("pass", func(t *testing.T) {
 		passDir := setUpPass(t)
 		n := 0
-		testStoreConformance(t, func(t *testing.T) Store {
+		StoreSuite(t, func(t *testing.T) Store {
 			n++
 			st, err := OpenKeyringStore(KeyringOptions{Backend: "pass", Dir: storeDir(t),
 				Keyring: keyringConfig(passDir, "t"+strings.Repeat("x", n))})
@@ -143,7 +141,7 @@ func TestKeyringStoreConformance(t *testing.T) {
 			t.Fatalf("auto with a Secret Service: %v", err)
 		}
 		n := 0
-		testStoreConformance(t, func(t *testing.T) Store {
+		StoreSuite(t, func(t *testing.T) Store {
 			n++
 			// A service name per store keeps stores apart in the one
 			// collection this session has.

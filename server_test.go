@@ -644,140 +644,9 @@ func TestEnvelopeNamesAreExactAndNullMeansAbsent(t *testing.T) {
 
 // --- Operations (R8, R9, R10, R12) ---
 
-// R8.1, R10: get_token returns the token without its refresh_token member,
-// and every other member byte for byte: big integers, trailing zeros,
-// nulls, nested values, non-ASCII text.
-func TestGetTokenOmitsRefreshTokenAndKeepsEverythingElseExactly(t *testing.T) {
-	_, path := startServer(t, Options{Store: defaultStore(t)})
-	r := dialRaw(t, path)
-	r.handshake()
-	r.send(`{"v":1,"id":"g","op":"get_token","payload":{"provider":"anthropic"}}`)
-	want := `{"id":"g","ok":true,"data":` + anthropicTokenSanitised + `}`
-	if got := r.recv(); got != want {
-		t.Errorf("get_token response\n got %s\nwant %s", got, want)
-	}
-
-	c := newTestClient(t, path, ClientOptions{})
-	tok, err := c.GetToken(t.Context(), "anthropic", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tok.AccessToken() != fakeAccess || tok.RefreshToken() != "" {
-		t.Errorf("client token: access %q refresh %q", string(tok.AccessToken()), string(tok.RefreshToken()))
-	}
-	if big, _ := tok.Field("big"); string(big) != "12345678901234567890" {
-		t.Errorf("big = %s", big)
-	}
-	if exp, ok := tok.Expiry(); !ok || exp.Unix() != 9999999999 {
-		t.Errorf("Expiry() = %v, %v", exp, ok)
-	}
-	work, err := c.GetToken(t.Context(), "anthropic", "work")
-	if err != nil || work.AccessToken() != "work-access" || slices.Contains(work.Names(), "refresh_token") {
-		t.Errorf("work bucket: %v names %v", err, work.Names())
-	}
-}
-
-// R8: get_token and get_api_key of absent items are NOT_FOUND, which the
-// client reports as ErrNotFound with the code reachable through errors.As.
-func TestAbsentItemsAreNotFound(t *testing.T) {
-	_, path := startServer(t, Options{Store: defaultStore(t)})
-	c := newTestClient(t, path, ClientOptions{})
-	_, err := c.GetToken(t.Context(), "nobody", "")
-	var re *RemoteError
-	if !errors.Is(err, ErrNotFound) || !errors.As(err, &re) || re.Code != CodeNotFound || re.Op != OpGetToken {
-		t.Errorf("GetToken(nobody) = %v, want ErrNotFound as a RemoteError", err)
-	}
-	if _, err := c.GetToken(t.Context(), "anthropic", "nobucket"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("GetToken(anthropic, nobucket) = %v, want ErrNotFound", err)
-	}
-	if _, err := c.GetAPIKey(t.Context(), "nokey"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("GetAPIKey(nokey) = %v, want ErrNotFound", err)
-	}
-	if _, err := c.GetBucketStats(t.Context(), "nobody", ""); !errors.Is(err, ErrNotFound) {
-		t.Errorf("GetBucketStats(nobody) = %v, want ErrNotFound", err)
-	}
-	if ok, err := c.HasAPIKey(t.Context(), "nokey"); ok || err != nil {
-		t.Errorf("HasAPIKey(nokey) = %v, %v; want false", ok, err)
-	}
-}
-
-// R8.3, R12: save_token drops the incoming refresh token, overlays the
-// incoming members on the stored token and keeps the stored refresh token.
-func TestSaveTokenMergesAndKeepsStoredRefreshToken(t *testing.T) {
-	st := defaultStore(t)
-	_, path := startServer(t, Options{Store: st})
-	r := dialRaw(t, path)
-	r.handshake()
-	r.send(`{"v":1,"id":"s","op":"save_token","payload":{"provider":"anthropic","token":` +
-		`{"access_token":"new-access","refresh_token":"attacker-refresh","expiry":10000000000,"scope":"a b","extra":{"n":1.0}}}}`)
-	if got := r.recv(); got != `{"id":"s","ok":true,"data":{}}` {
-		t.Fatalf("save_token: %s", got)
-	}
-	stored, err := st.GetToken(t.Context(), "anthropic", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := mustToken(t, `{"access_token":"new-access","refresh_token":"`+fakeRefresh+`","expiry":10000000000,`+
-		`"token_type":"Bearer","scope":"a b","account_id":"acct-42","big":12345678901234567890,"ratio":1.50,`+
-		`"nested":{"a":[1,2.0,"x"]},"name":"Zoë","extra":{"n":1.0}}`)
-	if !stored.Equal(want) {
-		got := stored.Reveal()
-		w := want.Reveal()
-		t.Errorf("stored token\n got %s\nwant %s", got, w)
-	}
-}
-
-// R8.3: save_token for a new provider and bucket stores the token without
-// any refresh token.
-func TestSaveTokenForNewKeyStoresStrippedToken(t *testing.T) {
-	st := defaultStore(t)
-	_, path := startServer(t, Options{Store: st})
-	c := newTestClient(t, path, ClientOptions{})
-	// Even a client that sends a refresh token (this one strips it, so go
-	// by hand) cannot plant one.
-	r := dialRaw(t, path)
-	r.handshake()
-	r.send(`{"v":1,"id":"n","op":"save_token","payload":{"provider":"newco","bucket":"b1","token":{"access_token":"nc","refresh_token":"planted","id_token":"j.w.t"}}}`)
-	if got := r.recv(); got != `{"id":"n","ok":true,"data":{}}` {
-		t.Fatalf("save_token: %s", got)
-	}
-	stored, err := st.GetToken(t.Context(), "newco", "b1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !stored.Equal(mustToken(t, `{"access_token":"nc","id_token":"j.w.t"}`)) {
-		got := stored.Reveal()
-		t.Errorf("stored %s", got)
-	}
-	if err := c.SaveToken(t.Context(), "newco", "", mustToken(t, `{"access_token":"via-client","refresh_token":"x"}`)); err != nil {
-		t.Fatal(err)
-	}
-	if stored, _ := st.GetToken(t.Context(), "newco", "default"); stored.RefreshToken() != "" || stored.AccessToken() != "via-client" {
-		t.Errorf("client save stored access %q refresh %q", string(stored.AccessToken()), string(stored.RefreshToken()))
-	}
-}
-
-// R8.4: remove_token deletes the token; removing an absent token succeeds.
-func TestRemoveTokenDeletes(t *testing.T) {
-	st := defaultStore(t)
-	_, path := startServer(t, Options{Store: st})
-	c := newTestClient(t, path, ClientOptions{})
-	if err := c.RemoveToken(t.Context(), "anthropic", "work"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.GetToken(t.Context(), "anthropic", "work"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("token still stored: %v", err)
-	}
-	if _, err := c.GetToken(t.Context(), "anthropic", "work"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("GetToken after remove = %v, want ErrNotFound", err)
-	}
-	if err := c.RemoveToken(t.Context(), "anthropic", "work"); err != nil {
-		t.Errorf("second remove: %v", err)
-	}
-	if buckets, _ := c.ListBuckets(t.Context(), "anthropic"); !slices.Equal(buckets, []string{"default"}) {
-		t.Errorf("buckets after remove: %v", buckets)
-	}
-}
+// The operations as served from a store (get_token, save_token's merge,
+// remove_token, lists, API keys, not-found, concurrent saves) are tested
+// by credproxytest.TestServer, on every store (suites_test.go).
 
 // R8.4, R23.5: when the store fails, remove_token still succeeds, lists are
 // empty, reads are INTERNAL_ERROR, and the store's error text (which here
@@ -831,49 +700,6 @@ func opOf(err error) Op {
 	return ""
 }
 
-// R9: list_providers, list_buckets and list_api_keys return sorted names;
-// get_bucket_stats, get_api_key and has_api_key answer as the spec says.
-func TestListAndKeyOperations(t *testing.T) {
-	_, path := startServer(t, Options{Store: defaultStore(t)})
-	c := newTestClient(t, path, ClientOptions{})
-	ctx := t.Context()
-	if got, err := c.ListProviders(ctx); err != nil || !slices.Equal(got, []string{"anthropic", "gemini", "openai"}) {
-		t.Errorf("ListProviders = %v, %v", got, err)
-	}
-	if got, err := c.ListBuckets(ctx, "anthropic"); err != nil || !slices.Equal(got, []string{"default", "work"}) {
-		t.Errorf("ListBuckets(anthropic) = %v, %v", got, err)
-	}
-	if got, err := c.ListBuckets(ctx, "nobody"); err != nil || got == nil || len(got) != 0 {
-		t.Errorf("ListBuckets(nobody) = %#v, %v; want []", got, err)
-	}
-	if got, err := c.ListAPIKeys(ctx); err != nil || !slices.Equal(got, []string{"anthropic", "openai", "zeta"}) {
-		t.Errorf("ListAPIKeys = %v, %v", got, err)
-	}
-	if got, err := c.GetAPIKey(ctx, "openai"); err != nil || got != fakeAPIKey {
-		t.Errorf("GetAPIKey(openai) = %v, %v", got, err)
-	}
-	if ok, err := c.HasAPIKey(ctx, "openai"); !ok || err != nil {
-		t.Errorf("HasAPIKey(openai) = %v, %v", ok, err)
-	}
-	want := BucketStats{Bucket: "work", RequestCount: 0, Percentage: 0}
-	if got, err := c.GetBucketStats(ctx, "anthropic", "work"); err != nil || got != want {
-		t.Errorf("GetBucketStats = %+v, %v", got, err)
-	}
-	if got, err := c.GetBucketStats(ctx, "anthropic", ""); err != nil || got.Bucket != "default" {
-		t.Errorf("GetBucketStats(default) = %+v, %v", got, err)
-	}
-	r := dialRaw(t, path)
-	r.handshake()
-	r.send(`{"v":1,"id":"k","op":"get_api_key","payload":{"name":"openai"}}`)
-	if got := r.recv(); got != `{"id":"k","ok":true,"data":{"key":"`+fakeAPIKey+`"}}` {
-		t.Errorf("get_api_key: %s", got)
-	}
-	r.send(`{"v":1,"id":"st","op":"get_bucket_stats","payload":{"provider":"openai"}}`)
-	if got := r.recv(); got != `{"id":"st","ok":true,"data":{"bucket":"default","requestCount":0,"percentage":0}}` {
-		t.Errorf("get_bucket_stats: %s", got)
-	}
-}
-
 // refresh_token: a server without refreshers answers PROVIDER_NOT_FOUND.
 func TestRefreshWithoutRefresherIsProviderNotFound(t *testing.T) {
 	_, path := startServer(t, Options{Store: defaultStore(t)})
@@ -881,37 +707,6 @@ func TestRefreshWithoutRefresherIsProviderNotFound(t *testing.T) {
 	r.handshake()
 	r.send(`{"v":1,"id":"r","op":"refresh_token","payload":{"provider":"anthropic"}}`)
 	wantFailure(t, r.recvMap(), "r", CodeProviderNotFound, "")
-}
-
-// R8.3, R8.4: concurrent saves of one provider and bucket are serialised:
-// each read-merge-write sees the previous one, so no member is lost.
-func TestConcurrentSavesToOneKeyLoseNothing(t *testing.T) {
-	st := storeWith(t, map[string]string{"p/default": `{"access_token":"a0","refresh_token":"` + fakeRefresh + `"}`}, nil)
-	_, path := startServer(t, Options{Store: st, RateLimit: -1})
-	const writers = 16
-	var wg sync.WaitGroup
-	for i := range writers {
-		wg.Go(func() {
-			c := newTestClient(t, path, ClientOptions{})
-			tok := mustToken(t, fmt.Sprintf(`{"access_token":"a%d","member%d":%d}`, i, i, i))
-			if err := c.SaveToken(context.Background(), "p", "", tok); err != nil {
-				t.Error(err)
-			}
-		})
-	}
-	wg.Wait()
-	stored, err := st.GetToken(t.Context(), "p", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range writers {
-		if v, ok := stored.Field(fmt.Sprintf("member%d", i)); !ok || string(v) != strconv.Itoa(i) {
-			t.Errorf("member%d lost: names %v", i, stored.Names())
-		}
-	}
-	if stored.RefreshToken() != fakeRefresh {
-		t.Error("stored refresh token lost")
-	}
 }
 
 // --- Policy (R21) ---

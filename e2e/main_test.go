@@ -34,7 +34,7 @@ func TestMain(m *testing.M) {
 	}
 	credproxyBin, demoproviderBin = filepath.Join(dir, "credproxy"), filepath.Join(dir, "demoprovider")
 	for _, build := range [][]string{
-		{"go", "-C", "..", "build", "-o", credproxyBin, "./cmd/credproxy"},
+		{"go", "-C", "../cmd/credproxy", "build", "-o", credproxyBin, "."},
 		{"go", "build", "-o", demoproviderBin, "./cmd/demoprovider"},
 	} {
 		if out, err := exec.Command(build[0], build[1:]...).CombinedOutput(); err != nil {

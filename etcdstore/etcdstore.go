@@ -20,9 +20,25 @@
 // system keyring (for example as a credproxy API key in a
 // [credproxy.KeyringStore]), in a file readable only by the service's
 // user, or in the environment of a service manager that loads it from a
-// credential store. Every host of a fleet needs the same key. Rotating it
-// is future work: a sealed value starts with a format byte so that a later
-// format can name its key.
+// credential store. Every host of a fleet needs the same key.
+//
+// # Rotating the data key
+//
+// Each value names, by a one-way id ([DataKeyID]), the data key that
+// sealed it; a store opens values sealed with [Options.DataKey] or any of
+// [Options.OldDataKeys], and seals with DataKey only. To rotate:
+//
+//  1. Give every host the new key as DataKey and the old one in
+//     OldDataKeys, and restart them one by one. Until the last one
+//     restarts, hosts with the old configuration cannot open values the
+//     others write (they fail with [ErrUnseal] naming the new key's id).
+//     To have no such window, first add the new key to every host's
+//     OldDataKeys (a rolling restart), then swap the two (another).
+//  2. Run [EtcdStore.Reseal] once, from any one host: it seals again with
+//     DataKey every item that is sealed otherwise.
+//  3. Drop the old key from OldDataKeys, and destroy it.
+//
+// Reseal is safe while hosts serve: a write that races it wins.
 //
 // # Reads, the cache and faults
 //
@@ -75,9 +91,10 @@ var (
 	// key, altered, or copied from another item's name.
 	ErrUnseal = errors.New("credproxy: etcdstore: value does not open with the data key (another key, altered, or copied from another item)")
 
-	// ErrConflict is returned by [EtcdStore.UpdateToken] when other writers
-	// changed the token on every one of its attempts.
-	ErrConflict = errors.New("credproxy: etcdstore: token changed by other writers on every attempt")
+	// ErrConflict is returned by [EtcdStore.UpdateToken] and
+	// [EtcdStore.Reseal] when other writers changed the item on every one
+	// of their attempts.
+	ErrConflict = errors.New("credproxy: etcdstore: item changed by other writers on every attempt")
 
 	// ErrUnavailable is wrapped by the error of a request the cluster could
 	// not answer within [Options.RequestTimeout] (or the caller's context):
@@ -162,6 +179,12 @@ type Options struct {
 	// s). Records carry etcd keys (item names, which are not secret) and
 	// etcd's errors, never a value. Nil means discard.
 	Logger *slog.Logger
+
+	// OldDataKeys are data keys that still open values but no longer
+	// seal any: the keys a rotation replaced, kept until
+	// [EtcdStore.Reseal] has sealed everything with DataKey (see the
+	// package doc). Each is 32 bytes; Open copies them. Empty means none.
+	OldDataKeys [][]byte
 }
 
 // EtcdStore is a [credproxy.Store], [credproxy.StoreCloser] and
@@ -209,7 +232,7 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 	if len(opts.Endpoints) == 0 {
 		return nil, errors.New("credproxy: etcdstore: Options.Endpoints is empty")
 	}
-	sl, err := newSealer(opts.DataKey)
+	sl, err := newSealer(opts.DataKey, opts.OldDataKeys...)
 	if err != nil {
 		return nil, err
 	}

@@ -72,7 +72,7 @@ func loginCommand(ctx context.Context, args []string, std stdio) error {
 		return fmt.Errorf("provider %q has neither auth_url nor device_auth_url: it cannot log in", pv.name)
 	}
 
-	st, err := credproxy.OpenKeyringStore(credproxy.KeyringOptions{})
+	st, err := hostStore(ctx, *file, false, std)
 	if err != nil {
 		return err
 	}
@@ -99,7 +99,7 @@ func loginCommand(ctx context.Context, args []string, std stdio) error {
 	}
 	// Under the token's lock, as a refresh saves, so that a proxy serving
 	// this store cannot overwrite the new token with a refresh of the old.
-	unlock, err := st.LockToken(ctx, pv.name, bucket)
+	unlock, err := lockToken(ctx, st, pv.name, bucket)
 	if err != nil {
 		return err
 	}

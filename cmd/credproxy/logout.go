@@ -44,7 +44,7 @@ func logoutCommand(ctx context.Context, args []string, std stdio) error {
 		}
 	}
 
-	st, err := credproxy.OpenKeyringStore(credproxy.KeyringOptions{MustExist: true})
+	st, err := hostStore(ctx, *file, true, std)
 	if errors.Is(err, credproxy.ErrNoStore) {
 		return fmt.Errorf("no token for %s/%s: %w", name, bucket, err)
 	}
@@ -55,7 +55,7 @@ func logoutCommand(ctx context.Context, args []string, std stdio) error {
 	// Hold the token's lock, as a refresh does, so that a proxy serving
 	// this store cannot store a refreshed token between the revocation
 	// and the removal.
-	unlock, err := st.LockToken(ctx, name, bucket)
+	unlock, err := lockToken(ctx, st, name, bucket)
 	if err != nil {
 		return err
 	}
@@ -89,4 +89,13 @@ func logoutCommand(ctx context.Context, args []string, std stdio) error {
 	}
 	fmt.Fprintf(std.err, "credproxy: removed %s/%s from the store\n", name, bucket)
 	return nil
+}
+
+// lockToken takes st's lock of a token, if st has one (both the keyring
+// and the etcd store do).
+func lockToken(ctx context.Context, st credproxy.Store, provider, bucket string) (unlock func(), err error) {
+	if l, ok := st.(credproxy.TokenLocker); ok {
+		return l.LockToken(ctx, provider, bucket)
+	}
+	return func() {}, nil
 }

@@ -28,11 +28,12 @@ func TestMain(m *testing.M) {
 	}
 	binary = filepath.Join(dir, "credproxy")
 	inner = filepath.Join(dir, "inner")
-	for out, pkg := range map[string]string{binary: ".", inner: "../../examples/inner"} {
-		build := exec.Command("go", "build", "-o", out, pkg)
+	// examples/inner is in the root module, cmd/credproxy in its own.
+	for out, dir := range map[string]string{binary: ".", inner: "../../examples/inner"} {
+		build := exec.Command("go", "-C", dir, "build", "-o", out, ".")
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if msg, err := build.CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "go build %s: %v\n%s", pkg, err, msg)
+			fmt.Fprintf(os.Stderr, "go build %s: %v\n%s", dir, err, msg)
 			os.Exit(1)
 		}
 	}

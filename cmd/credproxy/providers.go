@@ -51,6 +51,7 @@ type provider struct {
 type providers struct {
 	path   string
 	byName map[string]*provider
+	etcd   etcdConfig // the file's "etcd" member: see etcdHelp
 }
 
 const providersHelp = `The providers file (providers.json in the config directory, beside the
@@ -78,7 +79,7 @@ browser; revocation_url (RFC 7009) for 'logout'. auth_style is "header"
 secret and "params" without. Every URL is https, or http on a loopback
 address.
 
-` + injectHelp
+` + injectHelp + "\n" + etcdHelp
 
 // providersPath is the providers file the commands read: flag if set, else
 // CREDPROXY_PROVIDERS, else providers.json in the config directory. named
@@ -129,6 +130,7 @@ func loadProviders(path string, required bool) (providers, error) {
 	}
 	var file struct {
 		Providers map[string]*provider `json:"providers"`
+		Etcd      *etcdConfig          `json:"etcd"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields() // a misspelt member must not be ignored
@@ -139,6 +141,9 @@ func loadProviders(path string, required bool) (providers, error) {
 		return p, fmt.Errorf("%s: more than one JSON value", path)
 	}
 	p.byName = file.Providers
+	if file.Etcd != nil {
+		p.etcd = *file.Etcd
+	}
 	for name, pv := range p.byName {
 		if pv == nil {
 			return p, fmt.Errorf("%s: provider %q is null", path, name)

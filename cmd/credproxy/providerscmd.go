@@ -54,7 +54,7 @@ func providersCommand(ctx context.Context, args []string, std stdio) error {
 			fmt.Fprintf(w, "  %s\t%s\n", name, provs.byName[name].describe())
 		}
 	}
-	st, err := credproxy.OpenKeyringStore(credproxy.KeyringOptions{MustExist: true})
+	st, err := hostStore(ctx, *file, true, std)
 	if errors.Is(err, credproxy.ErrNoStore) {
 		fmt.Fprintln(w, "\ntokens: none, and no store yet: 'credproxy login PROVIDER' creates it")
 		return w.Flush()

@@ -26,6 +26,7 @@ type proxyFlags struct {
 	verbose    bool
 	inject     []string
 	injectAddr string
+	etcd       etcdConfig // the -etcd-* flags, over the providers file's
 
 	injected *injection // what -inject asks for, once newServer has read the providers file
 }
@@ -43,7 +44,8 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 		p.allowUIDs = append(p.allowUIDs, uid)
 		return nil
 	})
-	fs.StringVar(&p.store, "store", "keyring", "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND) or memory")
+	fs.StringVar(&p.store, "store", defaultStore(), "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND), etcd (a fleet's, see 'credproxy providers -help'), or memory (default: $"+storeEnv+", else keyring)")
+	registerEtcdFlags(fs, &p.etcd)
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
 	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist, or be empty with mode 0700 (default: a new directory in the per-user directory in the temp dir)")
 	fs.StringVar(&p.providers, "providers", "", "the providers `file`, whose tokens the host refreshes (default: $"+providersEnv+", else providers.json in the config directory; see 'credproxy providers -help')")
@@ -126,7 +128,7 @@ func (p *proxyFlags) newServer(ctx context.Context, std stdio, policy credproxy.
 			return nil, nil, err
 		}
 	}
-	store, err := p.openStore(ctx)
+	store, err := p.openStore(ctx, provs, std)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -174,8 +176,13 @@ func shutdown(srv *credproxy.Server, store credproxy.StoreCloser) error {
 	return err
 }
 
-func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, error) {
+func (p *proxyFlags) openStore(ctx context.Context, provs providers, std stdio) (credproxy.StoreCloser, error) {
 	switch p.store {
+	case "etcd":
+		if p.importFile != "" {
+			return nil, usageError("-import works with -store memory; to put credentials into the fleet's store use 'credproxy token set' and 'credproxy key set' with %s=etcd", storeEnv)
+		}
+		return openEtcdStore(ctx, provs.etcd.overriddenBy(p.etcd), p.logger(std), std)
 	case "memory":
 		st := credproxy.NewMemoryStore()
 		if p.importFile != "" {
@@ -194,5 +201,5 @@ func (p *proxyFlags) openStore(ctx context.Context) (credproxy.StoreCloser, erro
 		}
 		return credproxy.OpenKeyringStore(credproxy.KeyringOptions{})
 	}
-	return nil, usageError("-store must be keyring or memory, not %q", p.store)
+	return nil, usageError("-store must be keyring, etcd or memory, not %q", p.store)
 }

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"slices"
 	"strings"
@@ -265,16 +266,47 @@ func parseNames(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
+// defaultStore is run's and serve's -store default: $CREDPROXY_STORE, else
+// keyring.
+func defaultStore() string {
+	if s := os.Getenv(storeEnv); s != "" {
+		return s
+	}
+	return "keyring"
+}
+
+// hostStore opens the host's store for the commands that manage it
+// (token, key, login, logout, providers): the keyring store, or with
+// CREDPROXY_STORE=etcd the fleet's, whose settings come from the
+// providers file that providersFlag (or the default) names. mustExist
+// applies to the keyring store: a command that only reads or removes does
+// not create one.
+func hostStore(ctx context.Context, providersFlag string, mustExist bool, std stdio) (credproxy.StoreCloser, error) {
+	switch kind := defaultStore(); kind {
+	case "keyring":
+		return credproxy.OpenKeyringStore(credproxy.KeyringOptions{MustExist: mustExist})
+	case "etcd":
+		provs, err := openProviders(providersFlag)
+		if err != nil {
+			return nil, err
+		}
+		log := slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		return openEtcdStore(ctx, provs.etcd, log, std)
+	default:
+		return nil, fmt.Errorf("%s=%s: the commands that manage credentials work on keyring or etcd", storeEnv, kind)
+	}
+}
+
 // openStore opens the store a token or key command works on: the proxy's
 // when LLXPRT_CREDENTIAL_SOCKET is set, else the host's. On a host with no
 // store yet, a command that only reads or removes does not create one (or
 // ask for its password): ls says there is none and succeeds, with a nil
 // store and error; get and rm fail, saying so.
 func openStore(ctx context.Context, verb string, std stdio) (credproxy.StoreCloser, error) {
-	if verb == "set" || os.Getenv(credproxy.SocketEnv) != "" {
+	if os.Getenv(credproxy.SocketEnv) != "" {
 		return credproxy.OpenStore(ctx)
 	}
-	st, err := credproxy.OpenKeyringStore(credproxy.KeyringOptions{MustExist: true})
+	st, err := hostStore(ctx, "", verb != "set", std)
 	if errors.Is(err, credproxy.ErrNoStore) {
 		dir, _ := credproxy.DefaultKeyringDir()
 		msg := fmt.Sprintf("no credential store in %s yet; 'credproxy token set PROVIDER < token.json' or 'credproxy key set NAME < key' creates it", dir)

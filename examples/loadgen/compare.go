@@ -55,9 +55,19 @@ func runCompare(cfg compareConfig) error {
 		bin = filepath.Join(dir, "bin")
 		const mod = "github.com/credproxy/credproxy/"
 		build := exec.Command("go", "build", "-o", bin+string(filepath.Separator),
-			mod+"examples/loadgen", mod+"examples/floorserver", mod+"examples/memserver", mod+"cmd/credproxy")
+			mod+"examples/loadgen", mod+"examples/floorserver", mod+"examples/memserver")
 		if out, err := build.CombinedOutput(); err != nil {
 			return fmt.Errorf("go build: %w\n%s", err, out)
+		}
+		// The CLI is a module of its own, in the root module's cmd/credproxy.
+		gomod, err := exec.Command("go", "env", "GOMOD").Output()
+		if err != nil {
+			return fmt.Errorf("go env GOMOD: %w", err)
+		}
+		cli := filepath.Join(filepath.Dir(strings.TrimSpace(string(gomod))), "cmd", "credproxy")
+		build = exec.Command("go", "-C", cli, "build", "-o", filepath.Join(bin, "credproxy"), ".")
+		if out, err := build.CombinedOutput(); err != nil {
+			return fmt.Errorf("go build (cmd/credproxy): %w\n%s", err, out)
 		}
 	}
 	tokens := filepath.Join(dir, "creds.json")

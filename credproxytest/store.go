@@ -1,10 +1,4 @@
-package etcdstore
-
-// This file is a faithful port of testStoreConformance from the core's
-// store_test.go (commit 4891ee0), which is in package credproxy's tests and
-// so cannot be imported. Only the package qualifiers differ. Keep it in
-// step with the core's until the core exports a conformance package (a
-// credproxytest, in the testing/slogtest style; see STATUS.md).
+package credproxytest
 
 import (
 	"context"
@@ -18,32 +12,17 @@ import (
 	"github.com/credproxy/credproxy"
 )
 
-// The core test helpers the suite uses, copied from its helpers_test.go
-// and server_test.go.
-const (
-	fakeAccess  = "fake-access-token-AAAA1111"
-	fakeRefresh = "fake-refresh-token-RRRR9999-must-never-leave-the-host"
-	fakeAPIKey  = "sk-fake-api-key-KKKK5555"
-)
-
-const anthropicToken = `{"access_token":"` + fakeAccess + `","refresh_token":"` + fakeRefresh + `",` +
-	`"expiry":9999999999,"token_type":"Bearer","scope":null,"account_id":"acct-42",` +
-	`"big":12345678901234567890,"ratio":1.50,"nested":{"a":[1,2.0,"x"]},"name":"Zoë"}`
-
-func mustToken(t testing.TB, js string) credproxy.Token {
-	t.Helper()
-	tok, err := credproxy.ParseToken([]byte(js))
-	if err != nil {
-		t.Fatalf("ParseToken(%s): %v", js, err)
-	}
-	return tok
-}
-
-// testStoreConformance checks the Store contract (see Store) on a fresh
-// store from newStore. Every Store implementation runs it.
-func testStoreConformance(t *testing.T, newStore func(t *testing.T) credproxy.Store) {
+// TestStore checks that the stores newStore returns keep the contract of
+// [credproxy.Store]: absent items, exact round trips (refresh token and
+// every member as given), overwrite and removal, listing, the name rule,
+// names that must not collide, concurrent writers and cancelled contexts.
+//
+// Each subtest calls newStore once, with its own t, and wants an empty
+// store; the store's resources are newStore's to release (with t.Cleanup).
+// Calls with one t may return handles on the same data (see [TestServer]).
+func TestStore(t *testing.T, newStore func(t *testing.T) credproxy.Store) {
 	ctx := context.Background()
-	t.Run("absent items are credproxy.ErrNotFound", func(t *testing.T) {
+	t.Run("absent items are ErrNotFound", func(t *testing.T) {
 		st := newStore(t)
 		if _, err := st.GetToken(ctx, "p", "b"); !errors.Is(err, credproxy.ErrNotFound) {
 			t.Errorf("GetToken = %v", err)
@@ -209,15 +188,4 @@ func testStoreConformance(t *testing.T, newStore func(t *testing.T) credproxy.St
 			t.Errorf("a cancelled save stored the token: %v", err)
 		}
 	})
-}
-
-func TestEtcdStoreConformance(t *testing.T) {
-	c := newCluster(t)
-	testStoreConformance(t, func(t *testing.T) credproxy.Store { return c.newStore(t) })
-}
-
-// The suite's reference: the same port passes on the core's MemoryStore,
-// so a failure above is EtcdStore's, not the port's.
-func TestMemoryStoreConformance(t *testing.T) {
-	testStoreConformance(t, func(*testing.T) credproxy.Store { return credproxy.NewMemoryStore() })
 }
