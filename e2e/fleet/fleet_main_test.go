@@ -44,9 +44,6 @@ func TestMain(m *testing.M) {
 	}
 	credproxyBin = filepath.Join(dir, "credproxy")
 	build := []string{"go", "-C", "../../cmd/credproxy", "build", "-o", credproxyBin, "."}
-	if _, err := os.Stat("../../cmd/credproxy/go.mod"); err != nil {
-		build = []string{"go", "-C", "../..", "build", "-o", credproxyBin, "./cmd/credproxy"} // before the CLI had a module of its own
-	}
 	if out, err := exec.Command(build[0], build[1:]...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n%s", strings.Join(build, " "), err, out)
 		os.RemoveAll(dir)

@@ -54,10 +54,10 @@ type rotatingProvider struct {
 
 // family is one login: the refresh tokens issued from one another.
 type family struct {
-	id       int
-	current  string // the refresh token that works now
-	access   string // the newest access token
-	revoked  bool
+	id      int
+	current string // the refresh token that works now
+	access  string // the newest access token
+	revoked bool
 }
 
 // gate holds one token request until the test releases it.
