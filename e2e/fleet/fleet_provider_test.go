@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"sync"
 	"testing"
+	"time"
 )
 
 // rotatingProvider is a fake OAuth 2.0 token endpoint that behaves like a
@@ -50,6 +51,7 @@ type rotatingProvider struct {
 	aborted  int                // held requests whose client went away
 	failed   int                // held requests released with an error status
 	gates    []*gate            // armed, waiting for the next requests
+	handling time.Duration      // time spent answering, gates excluded
 }
 
 // family is one login: the refresh tokens issued from one another.
@@ -143,6 +145,8 @@ func (p *rotatingProvider) serveToken(w http.ResponseWriter, r *http.Request) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	handled := time.Now()
+	defer func() { p.handling += time.Since(handled) }()
 	f := p.byRT[rt]
 	switch {
 	case f == nil:
@@ -187,6 +191,8 @@ func (p *rotatingProvider) stats() stats {
 func (p *rotatingProvider) revoked(rt string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	handled := time.Now()
+	defer func() { p.handling += time.Since(handled) }()
 	f := p.byRT[rt]
 	return f == nil || f.revoked
 }
@@ -230,4 +236,12 @@ func refreshAt(t *testing.T, url, rt string) (access, refresh string, errCode st
 		t.Fatal(err)
 	}
 	return body.AccessToken, body.RefreshToken, body.Error
+}
+
+// handlerTime returns the time the endpoint spent answering so far,
+// held requests' waits excluded: the provider's share of a refresh.
+func (p *rotatingProvider) handlerTime() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.handling
 }
