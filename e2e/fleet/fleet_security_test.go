@@ -116,7 +116,7 @@ func TestFleetEtcdctlSeesNoSecret(t *testing.T) {
 		t.Fatalf("get_token of the copied item: %v, want a failure other than not found", err)
 	}
 	t.Logf("get_token of the copied item: %v", err)
-	if !strings.Contains(b.errText(), "does not open with the data key") {
+	if !eventually(5*time.Second, func() bool { return strings.Contains(b.errText(), "does not open with the data key") }) {
 		t.Errorf("host b's log does not say why the copied item failed:\n%s", b.errText())
 	}
 }
