@@ -148,6 +148,8 @@ type host struct {
 	mu     sync.Mutex
 	stderr strings.Builder
 	ended  chan struct{} // closed when stderr has ended
+	once   sync.Once
+	poll   *credproxy.Client // getToken's, made once: tests poll with it
 }
 
 // start starts a host on the fleet's cluster and prefix, with extra
@@ -271,7 +273,8 @@ func (h *host) signal(sig syscall.Signal) {
 // getToken returns the host's token, failing the test on an error.
 func (h *host) getToken(ctx context.Context) credproxy.Token {
 	h.t.Helper()
-	tok, err := h.client().GetToken(ctx, fleetProvider, "")
+	h.once.Do(func() { h.poll = h.client() })
+	tok, err := h.poll.GetToken(ctx, fleetProvider, "")
 	if err != nil {
 		h.t.Fatalf("get_token on host %s: %v\n%s", h.name, err, h.errText())
 	}
