@@ -30,7 +30,11 @@ func (co *coordinator) run(ctx context.Context, r Refresher, provider, bucket st
 	}
 
 	fresh, err := co.call(ctx, r, provider, bucket, stored)
+	var replaced *replacedMeanwhile
 	switch {
+	case errors.As(err, &replaced) && validFor(replaced.stored, time.Now()) > 0:
+		co.srv.log.Info("credproxy: token refreshed elsewhere while a retry waited; not retrying", "provider", provider, "bucket", bucket)
+		return replaced.stored, false, nil
 	case errors.Is(err, ErrReauthRequired):
 		// The refresh token is dead; keep the access token, which may
 		// still work until it expires, and never send the dead one again.
@@ -167,7 +171,22 @@ func (co *coordinator) call(ctx context.Context, r Refresher, provider, bucket s
 			t.Stop()
 			return Token{}, ctx.Err()
 		}
+		// Retry only with the refresh token that is still stored: if
+		// another host replaced it meanwhile (this one may have lost its
+		// lock while the provider did not answer), sending the old one
+		// again would look like reuse to a provider that rotates them.
+		if cur, err := co.srv.opts.Store.GetToken(ctx, provider, bucket); err == nil && cur.RefreshToken() != stored.RefreshToken() {
+			return Token{}, &replacedMeanwhile{cur}
+		}
 	}
+}
+
+// replacedMeanwhile ends a refresh whose stored token another host
+// replaced while it waited to retry.
+type replacedMeanwhile struct{ stored Token }
+
+func (*replacedMeanwhile) Error() string {
+	return "credproxy: the token was refreshed elsewhere while a retry waited"
 }
 
 // logError logs err with every secret of the tokens redacted.

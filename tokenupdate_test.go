@@ -3,7 +3,9 @@ package credproxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -158,5 +160,36 @@ func TestStaleRefreshDoesNotOverwriteAnotherHostsRefresh(t *testing.T) {
 	stored, _ := st.GetToken(ctx, "anthropic", "")
 	if !stored.Equal(other) {
 		t.Errorf("stored after the stale refresh: %s; want the other host's token kept", stored.Reveal())
+	}
+}
+
+// A refresh that failed for a transient reason is not retried with a
+// refresh token that is no longer the stored one: another host refreshed
+// meanwhile (this one may have lost its lock while the provider did not
+// answer), and sending the used refresh token again would look like
+// reuse to a provider that rotates them, which then revokes the login.
+// The refresh returns the other host's token instead, after one call.
+func TestRefreshIsNotRetriedWithARefreshTokenAnotherHostReplaced(t *testing.T) {
+	ctx := t.Context()
+	st := NewMemoryStore()
+	st.SaveToken(ctx, "anthropic", "", mustToken(t, `{"access_token":"fake-access-0","refresh_token":"fake-refresh-0","expiry":1}`))
+	other := mustToken(t, `{"access_token":"fake-access-1","refresh_token":"fake-refresh-1","expires_in":3600}`)
+	var calls atomic.Int32
+	refresher := RefresherFunc(func(ctx context.Context, tok Token) (Token, error) {
+		calls.Add(1)
+		// Meanwhile, another host refreshed with fake-refresh-0.
+		st.SaveToken(ctx, "anthropic", "", other)
+		return Token{}, fmt.Errorf("provider answered 503: %w", ErrTransient)
+	})
+	_, path := startServer(t, Options{Store: st, Policy: &Grant{Providers: []string{"*"}}, DisableRenewal: true,
+		Refreshers: map[string]Refresher{"anthropic": refresher}})
+	c := NewClient(path, ClientOptions{})
+	defer c.Close()
+	got, err := c.RefreshToken(ctx, "anthropic", "")
+	if err != nil || string(got.AccessToken()) != "fake-access-1" {
+		t.Errorf("RefreshToken = %v, %v; want the other host's fake-access-1", got.AccessToken(), err)
+	}
+	if n := calls.Load(); n != 1 {
+		t.Errorf("provider calls = %d, want 1: a retry sent the replaced refresh token", n)
 	}
 }

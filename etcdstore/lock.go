@@ -73,7 +73,9 @@ func (s *EtcdStore) LockToken(ctx context.Context, provider, bucket string) (unl
 	m := concurrency.NewMutex(sess, key)
 	// The wait ends with ctx, or when the session's lease is lost (a wait
 	// on a dead lease would never end, or end with a lock that is not held).
-	lctx, cancel := context.WithCancel(ctx)
+	// WithRequireLeader: a member that has lost its leader (no quorum)
+	// fails the wait at once, rather than leaving it to ctx.
+	lctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	stop := make(chan struct{})
 	go func() {
 		select {
@@ -94,7 +96,7 @@ func (s *EtcdStore) LockToken(ctx context.Context, provider, bucket string) (unl
 			}
 		default:
 		}
-		return nil, wrapErr(ctx, "lock "+key, err)
+		return nil, failure(ctx, "lock "+key, err)
 	}
 	// The holder reads what the previous holder wrote: that write came
 	// before the previous unlock, so before the revision at which this
@@ -141,9 +143,13 @@ func (s *EtcdStore) session(ctx context.Context) (*concurrency.Session, error) {
 	// The lease is granted with ctx, so a cluster that does not answer
 	// ends with the caller's wait; NewSession then only keeps it alive (on
 	// the client's context, so for the store's life).
-	lease, err := s.cli.Grant(ctx, s.lockTTL)
+	// Bounded like any request, so that a cluster without quorum says so
+	// (ErrUnavailable) rather than holding the caller to its deadline.
+	gctx, cancel := s.requestCtx(ctx)
+	lease, err := s.cli.Grant(gctx, s.lockTTL)
+	cancel()
 	if err != nil {
-		return nil, wrapErr(ctx, "lock session", err)
+		return nil, failure(ctx, "lock session", err)
 	}
 	sess, err := concurrency.NewSession(s.cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(int(s.lockTTL)))
 	if err != nil {

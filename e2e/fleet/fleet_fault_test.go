@@ -185,27 +185,21 @@ func TestFleetOneMemberDown(t *testing.T) {
 
 // Two etcd members of three stopped: no quorum. Both hosts still serve
 // get_token, from their caches, while the token is valid. A save_token
-// (with -allow-write) and a refresh_token fail: the client gets a store
-// failure (INTERNAL_ERROR, "credential store timed out" / "refresh timed
-// out"), and the refresh makes no provider call during the outage, so no
-// rotated refresh token can be lost. After the members are restarted, a
+// (with -allow-write) and a refresh_token fail within etcdstore's request
+// timeout (5 s), not the server's 15 s store deadline: the client gets a
+// store failure (INTERNAL_ERROR), each host's log says that the etcd
+// cluster is unavailable, and the refresh makes no provider call during
+// the outage, so no rotated refresh token can be lost. After the members are restarted, a
 // write on one host is served by the other, and the store holds the
 // provider's newest refresh token (the refused refresh goes on once the
 // cluster is back: its flight outlives the request) and never the
 // refused write.
-func TestFleetTwoMembersDown(t *testing.T) { twoMembersDown(t, false) }
-
-// What TestFleetTwoMembersDown cannot check yet: that the host's log
-// names etcd being unavailable when a write fails without quorum. Today
-// the write's LockToken hangs in etcd's lease grant (or lock txn) until
-// the server's 15 s store deadline and logs "credproxy: etcdstore: lock
-// session: context deadline exceeded"; etcdstore bounds its reads and
-// writes by RequestTimeout and wraps ErrUnavailable, but not the lock's
-// grant and txn. Remove the Skip once LockToken does.
-func TestFleetTwoMembersDownWriteNamesEtcd(t *testing.T) {
-	t.Skip("known gap: etcdstore.LockToken without quorum ends on the caller's deadline, not with ErrUnavailable (see the doc comment)")
-	twoMembersDown(t, true)
-}
+//
+// The log check failed before etcdstore bounded the lock's lease grant by
+// its request timeout and asked for a leader on the lock's wait: the
+// write then waited out the server's deadline and logged "lock session:
+// context deadline exceeded".
+func TestFleetTwoMembersDown(t *testing.T) { twoMembersDown(t, true) }
 
 func twoMembersDown(t *testing.T, strict bool) {
 	f := newFleet(t)
@@ -281,20 +275,19 @@ func twoMembersDown(t *testing.T, strict bool) {
 // other host's token, the login is not revoked, and the resumed host
 // serves the new token.
 //
-// Released with a 400 (a permanent failure), this holds. Released with a
-// 503 (transient), it does not: see TestFleetPartitionedHolderRetries.
+// Released with a 400 (a permanent failure), this holds; released with a
+// 503, see TestFleetPartitionedHolderRetries.
 func TestFleetPartitionedHolder(t *testing.T) { partitionedHolder(t, 400) }
 
-// The same partition, the held call answered 503. The resumed host
-// retries its provider call after 1 s, as for any transient failure,
-// with the refresh token it read under the lock it has since lost; the
-// other host has used that token already, so the provider sees it
-// reused and revokes the login: every host is logged out. The core's
-// retry loop (refreshrun.go, coordinator.call) neither checks that the
-// lock is still held nor that the stored refresh token is still the one
-// it sends. Remove the Skip once it does.
+// The same partition, the held call answered 503 (transient). The resumed
+// host would retry its provider call after 1 s with the refresh token it
+// read under the lock it has since lost; the other host has used that
+// token already, so the provider would see it reused and revoke the
+// login, logging every host out. It did, before the core's retry loop
+// (refreshrun.go, coordinator.call) checked that the stored refresh token
+// is still the one it sends ("calls:3 rotated:1 reused:1"); now the
+// resumed host does not retry, and serves the other host's token.
 func TestFleetPartitionedHolderRetries(t *testing.T) {
-	t.Skip("known bug: a refresh retried after a transient failure sends a refresh token another host has used since its lock was lost (see the doc comment)")
 	partitionedHolder(t, 503)
 }
 
