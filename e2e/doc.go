@@ -4,7 +4,9 @@
 // out with revocation. It is a module of its own so that the provider's
 // dependencies never enter credproxy's go.mod. The tests build the
 // credproxy binary from the root module, with that module's own
-// dependency versions, and run it as a user would.
+// dependency versions, and run it as a user would. Package fleet runs
+// fleets of credproxy serve processes on one etcd cluster (-store etcd):
+// one provider call per token across hosts, and the faults of a fleet.
 //
 //	go -C e2e test -race ./...
 package e2e
