@@ -234,7 +234,11 @@ func twoMembersDown(t *testing.T, strict bool) {
 		t.Errorf("without quorum the provider was called: %+v", st)
 	}
 	for _, h := range []*host{a, b} {
-		if log := h.errText(); !strings.Contains(log, "etcd cluster unavailable") {
+		// The host's stderr is read by a goroutine of this test: the line
+		// the server wrote before it answered may still be on its way.
+		unavailable := func() bool { return strings.Contains(h.errText(), "etcd cluster unavailable") }
+		if !eventually(10*time.Second, unavailable) {
+			log := h.errText()
 			if strict {
 				t.Errorf("host %s's log does not say that etcd is unavailable:\n%s", h.name, log)
 			} else {
