@@ -3,6 +3,7 @@ package etcdstore
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -10,6 +11,9 @@ import (
 
 	"github.com/credproxy/credproxy"
 	"github.com/credproxy/credproxy/etcdstore/etcdtest"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 )
 
 // Fake etcd passwords, long and unique so that a search of an error's text
@@ -188,6 +192,16 @@ func TestOpenWithAuth(t *testing.T) {
 		opts.Username, opts.Password = "other", otherEtcdPassword
 		_, took, err := openConn(t, c.DataKey, opts)
 		wantOpenFails(t, took, err, "permission denied", secrets...)
+		// Nor can it write there, even past the store: etcd refuses a raw
+		// put of that user under the store's prefix.
+		cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), Username: "other", Password: otherEtcdPassword, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cli.Close()
+		if _, err := cli.Put(t.Context(), "/auth/tokens/anthropic/default", "x"); !errors.Is(err, rpctypes.ErrPermissionDenied) {
+			t.Errorf("a put under /auth/ as other = %v, want %v", err, rpctypes.ErrPermissionDenied)
+		}
 		// Its own prefix it may use: the refusal above is the role's, not
 		// the password's.
 		opts.Prefix = "/other/"
