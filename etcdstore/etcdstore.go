@@ -237,9 +237,11 @@ var (
 // Open connects to the cluster that opts names and returns its store.
 // It loads every item under the prefix into the read cache, in one request
 // that also checks that the cluster answers (and accepts the credentials)
-// within opts.DialTimeout, so a wrong endpoint or password fails here, not
-// at the first request; then it starts the watch that keeps the cache
-// current. The caller closes the store when done with it.
+// within opts.DialTimeout, so a wrong endpoint, password or certificate
+// fails here, not at the first request (if the cluster did not answer in
+// time, Open spends up to 200 ms more asking the connection why, so that
+// the error names a refused connection or a TLS failure); then it starts
+// the watch that keeps the cache current. The caller closes the store when done with it.
 func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 	if len(opts.Endpoints) == 0 {
 		return nil, errors.New("credproxy: etcdstore: Options.Endpoints is empty")
@@ -289,6 +291,7 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 	defer cancel()
 	resp, err := cli.Get(pctx, prefix, clientv3.WithPrefix())
 	if err != nil {
+		err = explainTimeout(ctx, cli, err)
 		cli.Close()
 		return nil, fmt.Errorf("credproxy: etcdstore: first contact with %v: %w", opts.Endpoints, err)
 	}

@@ -22,14 +22,23 @@ import (
 // file: the README's "Running a fleet" set-up, one host's share of it.
 func fleetEnv(t *testing.T, c *etcdtest.Cluster, prefix string) []string {
 	t.Helper()
+	return fleetEnvWith(t, c, prefix, nil)
+}
+
+// fleetEnvWith is fleetEnv with more members (such as ca_file or
+// username) in the providers file's "etcd" member.
+func fleetEnvWith(t *testing.T, c *etcdtest.Cluster, prefix string, more map[string]any) []string {
+	t.Helper()
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "data-key")
 	if err := os.WriteFile(keyFile, []byte(hex.EncodeToString(c.DataKey)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg, _ := json.Marshal(map[string]any{"providers": map[string]any{}, "etcd": map[string]any{
-		"endpoints": c.Endpoints(), "prefix": prefix, "data_key": "file:" + keyFile, "lock_ttl": "2s",
-	}})
+	etcd := map[string]any{"endpoints": c.Endpoints(), "prefix": prefix, "data_key": "file:" + keyFile, "lock_ttl": "2s"}
+	for k, v := range more {
+		etcd[k] = v
+	}
+	cfg, _ := json.Marshal(map[string]any{"providers": map[string]any{}, "etcd": etcd})
 	providers := filepath.Join(dir, "providers.json")
 	if err := os.WriteFile(providers, cfg, 0o600); err != nil {
 		t.Fatal(err)

@@ -5,7 +5,9 @@
 // across processes, share it.
 //
 // A member can be stopped and started again on its data, so that tests can
-// take a cluster's quorum away and give it back.
+// take a cluster's quorum away and give it back. [StartTLS] starts one that
+// serves clients over TLS and requires client certificates, and
+// [Cluster.EnableAuth] turns on etcd's authentication.
 package etcdtest
 
 import (
@@ -34,17 +36,40 @@ type Cluster struct {
 	// cluster; every store of one test that shares data uses it.
 	DataKey []byte
 
+	// TLS is what a client needs to reach a cluster started by
+	// [StartTLS]: nil for one started by [Start], which serves plain
+	// http.
+	TLS *TLS
+
 	t         testing.TB
 	cfgs      []*embed.Config
 	endpoints []string
 
-	mu      sync.Mutex
-	members []*embed.Etcd // nil for a stopped member
+	mu       sync.Mutex
+	members  []*embed.Etcd // nil for a stopped member
+	rootPass string        // root's password, once EnableAuth has run
+
+	authMu sync.Mutex // held by EnableAuth
 }
 
 // Start starts a cluster of n members (3 makes a quorum of 2) for t and
-// stops it when t ends. Starting one takes a second or two.
+// stops it when t ends. Starting one takes a second or two. It serves
+// clients plain http, and has authentication off.
 func Start(t testing.TB, n int) *Cluster {
+	t.Helper()
+	return start(t, n, false)
+}
+
+// StartTLS is [Start] for a cluster that serves clients over TLS only, at
+// https endpoints, and requires a client certificate signed by its test
+// CA: [Cluster.TLS] has the files and configuration a client needs. Peer
+// traffic stays plain http on loopback.
+func StartTLS(t testing.TB, n int) *Cluster {
+	t.Helper()
+	return start(t, n, true)
+}
+
+func start(t testing.TB, n int, useTLS bool) *Cluster {
 	t.Helper()
 	// Ports are picked by listening on port 0 and closing: another process
 	// could take one in between, which only fails this run, loudly.
@@ -56,12 +81,18 @@ func Start(t testing.TB, n int) *Cluster {
 	c := &Cluster{DataKey: make([]byte, DataKeySize), t: t, members: make([]*embed.Etcd, n)}
 	rand.Read(c.DataKey)
 	dir := t.TempDir()
+	scheme := "http"
+	var server serverTLS
+	if useTLS {
+		scheme = "https"
+		c.TLS, server = newTLS(t, t.TempDir())
+	}
 	for i := range n {
 		cfg := embed.NewConfig()
 		cfg.Name = fmt.Sprintf("m%d", i)
 		cfg.Dir = fmt.Sprintf("%s/m%d", dir, i)
 		pu := mustURL(t, fmt.Sprintf("http://127.0.0.1:%d", peer[i]))
-		cu := mustURL(t, fmt.Sprintf("http://127.0.0.1:%d", client[i]))
+		cu := mustURL(t, fmt.Sprintf("%s://127.0.0.1:%d", scheme, client[i]))
 		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
 		cfg.InitialCluster = strings.Join(initial, ",")
@@ -71,6 +102,12 @@ func Start(t testing.TB, n int) *Cluster {
 		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 		cfg.UnsafeNoFsync = true // test data: speed over durability
 		cfg.EnableGRPCGateway = false
+		cfg.BcryptCost = 4 // bcrypt.MinCost: test passwords, checked fast
+		if useTLS {
+			cfg.ClientTLSInfo.CertFile, cfg.ClientTLSInfo.KeyFile = server.certFile, server.keyFile
+			cfg.ClientTLSInfo.TrustedCAFile = server.caFile
+			cfg.ClientTLSInfo.ClientCertAuth = true
+		}
 		c.cfgs = append(c.cfgs, cfg)
 		c.endpoints = append(c.endpoints, cu.String())
 	}
@@ -160,10 +197,21 @@ func (c *Cluster) stopAll() {
 }
 
 // Client returns a plain etcd client of the cluster, as etcdctl would be:
-// it sees what etcd stores. It is closed when the test ends.
+// it sees what etcd stores. It uses [Cluster.TLS] if the cluster has it,
+// and is root once [Cluster.EnableAuth] has run. It is closed when the
+// test ends.
 func (c *Cluster) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cfg := clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
+	if c.TLS != nil {
+		cfg.TLS = c.TLS.Config.Clone()
+	}
+	c.mu.Lock()
+	if c.rootPass != "" {
+		cfg.Username, cfg.Password = rootUser, c.rootPass
+	}
+	c.mu.Unlock()
+	cli, err := clientv3.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
