@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/url"
@@ -67,7 +68,8 @@ for loopback only unless there is no password. The password comes from
 CREDPROXY_ETCD_PASSWORD or password_file. data_key is where this host's copy
 of the fleet's 32-byte data key is, written as 64 hex characters ('openssl
 rand -hex 32'): file:PATH (readable by its owner only), env:NAME, or
-keyring:NAME (an API key in the host's keyring store); by default
+keyring:NAME (an API key in the host's keyring store: put it there with
+CREDPROXY_STORE=keyring credproxy key set NAME); by default
 env:CREDPROXY_ETCD_DATA_KEY. Every host of a fleet needs the same key and
 prefix. lock_ttl is how long a dead or cut-off host's refresh lock lasts.
 
@@ -315,7 +317,7 @@ func dataKey(ctx context.Context, source string) ([]byte, error) {
 		defer st.Close()
 		key, err := st.GetAPIKey(ctx, name)
 		if err != nil {
-			return nil, fmt.Errorf("data key %s: %w ('credproxy key set %s' puts it there)", source, err, name)
+			return nil, fmt.Errorf("data key %s: %w ('%s=keyring credproxy key set %s' puts it there)", source, err, storeEnv, name)
 		}
 		text = string(key)
 	default:
@@ -330,16 +332,25 @@ func dataKey(ctx context.Context, source string) ([]byte, error) {
 }
 
 // readPrivateFile reads a file that holds a secret, refusing one that
-// others may read.
+// others may read or write, or that belongs to another user. It checks
+// the file it opened (fstat), so a swap between check and read is caught.
 func readPrivateFile(path, what string) ([]byte, error) {
-	fi, err := os.Stat(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if runtime.GOOS != "windows" && fi.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("%s %s is readable by others (mode %04o): chmod 600 it", what, path, fi.Mode().Perm())
 	}
-	data, err := os.ReadFile(path)
+	if err := checkConfigWriters(path, fi); err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}

@@ -95,6 +95,11 @@ func TestServeOnEtcdRefusesWhatItCannotUse(t *testing.T) {
 	os.WriteFile(loose, []byte(hex.EncodeToString(c.DataKey)), 0o644)
 	short := filepath.Join(dir, "short-key")
 	os.WriteFile(short, []byte("00ff-not-a-key-SECRETLIKE"), 0o600)
+	foreign := filepath.Join(dir, "foreign-key")
+	os.WriteFile(foreign, []byte(hex.EncodeToString(c.DataKey)), 0o600)
+	if os.Geteuid() == 0 {
+		os.Chown(foreign, 65534, 65534)
+	}
 	for _, tc := range []struct {
 		name string
 		env  []string
@@ -113,8 +118,12 @@ func TestServeOnEtcdRefusesWhatItCannotUse(t *testing.T) {
 			[]string{"-etcd-endpoints", "http://192.0.2.1:2379", "-etcd-user", "u"}, "use https"},
 		{"certificate without key", good, []string{"-etcd-cert", loose}, "both its certificate and key"},
 		{"bad lock ttl", good, []string{"-etcd-lock-ttl", "soon"}, "not a positive duration"},
+		{"key file of another user", good, []string{"-etcd-data-key", "file:" + foreign}, "not to you"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "key file of another user" {
+				needRoot(t, "needs root to give the key file to another user")
+			}
 			args := append([]string{"serve", "-store", "etcd", "-allow-provider", "anthropic"}, tc.args...)
 			r := credproxyCmd(t, tc.env, "", args...)
 			if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
