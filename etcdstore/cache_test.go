@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/credproxy/credproxy"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // waitFor polls cond until it holds, failing t after 20 s. Changes made by
@@ -289,5 +291,30 @@ func TestCacheWaitRev(t *testing.T) {
 	cancel()
 	if err := c.waitRev(ctx, 20); !errors.Is(err, context.Canceled) {
 		t.Fatalf("waitRev with an ended ctx = %v", err)
+	}
+}
+
+// What the cluster answers when it cannot answer counts as unavailable, so
+// that a read serves the cached value and a write says the cluster is
+// unavailable: etcd 3.7's codes, and etcd 3.4's (Debian's), which reports
+// a request that timed out without quorum as code Unknown. A refusal
+// (permission denied, a bad request) does not count.
+func TestIsUnavailable(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{context.DeadlineExceeded, true},
+		{status.Error(codes.Unavailable, "etcdserver: no leader"), true},
+		{status.Error(codes.DeadlineExceeded, "context deadline exceeded"), true},
+		{status.Error(codes.Unknown, "context deadline exceeded"), true},
+		{status.Error(codes.Unknown, "etcdserver: request timed out"), true},
+		{status.Error(codes.PermissionDenied, "etcdserver: permission denied"), false},
+		{status.Error(codes.Unknown, "something else"), false},
+		{errors.New("credproxy: not found"), false},
+	} {
+		if got := isUnavailable(tc.err); got != tc.want {
+			t.Errorf("isUnavailable(%v) = %v, want %v", tc.err, got, tc.want)
+		}
 	}
 }

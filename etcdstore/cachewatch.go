@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -161,7 +162,15 @@ func isUnavailable(err error) bool {
 		return ee.Code() == codes.Unavailable || ee.Code() == codes.DeadlineExceeded
 	}
 	if st, ok := status.FromError(err); ok {
-		return st.Code() == codes.Unavailable || st.Code() == codes.DeadlineExceeded
+		switch st.Code() {
+		case codes.Unavailable, codes.DeadlineExceeded:
+			return true
+		case codes.Unknown:
+			// etcd 3.4 (Debian's) answers a request it could not commit
+			// without quorum with its context's error as code Unknown.
+			return strings.Contains(st.Message(), context.DeadlineExceeded.Error()) ||
+				strings.Contains(st.Message(), "request timed out")
+		}
 	}
 	return false
 }
