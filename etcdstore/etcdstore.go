@@ -16,6 +16,12 @@
 // snapshots and its backups hold ciphertext and item names only: the names
 // of providers, buckets and API keys are not secret.
 //
+// [Open] checks the data key against the store: a value under the prefix
+// (keycheck), sealed with the fleet's key by the first store opened
+// there, must open, else Open fails with an error wrapping [ErrUnseal]
+// that names both keys' ids. A host given the wrong key therefore never
+// writes items the others cannot open.
+//
 // The data key never leaves the host and is the host's to keep: in the
 // system keyring (for example as a credproxy API key in a
 // [credproxy.KeyringStore]), in a file readable only by the service's
@@ -300,6 +306,10 @@ func Open(ctx context.Context, opts Options) (*EtcdStore, error) {
 		cache:   newCache(prefix, sl, log),
 		lockTTL: lockTTL, sessStart: make(chan struct{}, 1),
 		watchDone: make(chan struct{}),
+	}
+	if err := s.checkDataKey(pctx, resp.Kvs); err != nil {
+		cli.Close()
+		return nil, err
 	}
 	s.cache.load(resp.Kvs, resp.Header.Revision)
 	s.cache.setCurrent(true)

@@ -15,7 +15,8 @@ const resealPage = 256
 // prefix that is sealed otherwise (with an old key, or in the format of
 // stores that could not rotate keys), and returns how many it rewrote. It
 // is step 2 of a rotation (see the package doc); running it again rewrites
-// nothing more.
+// nothing more. It seals the store's data key check again too (not
+// counted), so that hosts with only the old key fail at Open afterwards.
 //
 // Each item is rewritten in a transaction that compares its revision with
 // the one read, so a write by any host in between is never overwritten:
@@ -53,7 +54,9 @@ func (s *EtcdStore) Reseal(ctx context.Context) (resealed int, err error) {
 			from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00" // the next key after the last
 		}
 	}
-	return resealed, nil
+	// The key check last, once every item opens with DataKey: from then
+	// on a host without DataKey fails at Open.
+	return resealed, s.resealKeyCheck(ctx)
 }
 
 // resealItem seals value, read from key at mod revision rev, again with the

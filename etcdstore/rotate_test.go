@@ -142,7 +142,7 @@ func TestRotation(t *testing.T) {
 	}
 	defer unlock()
 
-	rotated, newOnly := c.openWithKeys(t, prefix, curKey, oldKey), c.openWithKeys(t, prefix, curKey)
+	rotated := c.openWithKeys(t, prefix, curKey, oldKey)
 	readAll := func(st *EtcdStore) error {
 		tok, err := st.GetToken(ctx, "anthropic", "")
 		if err == nil && !tok.Equal(mustToken(t, anthropicToken)) {
@@ -162,8 +162,14 @@ func TestRotation(t *testing.T) {
 	if err := readAll(rotated); err != nil {
 		t.Fatalf("a host with the new and the old key, before Reseal: %v", err)
 	}
-	if err := readAll(newOnly); !errors.Is(err, ErrUnseal) {
-		t.Fatalf("a host with only the new key, before Reseal: %v, want ErrUnseal", err)
+	// A host with only the new key fails at Open: the store's data key
+	// check does not open with it.
+	if st, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: curKey}); !errors.Is(err, ErrUnseal) ||
+		!strings.Contains(err.Error(), DataKeyID(oldKey)) {
+		if err == nil {
+			st.Close()
+		}
+		t.Fatalf("Open with only the new key, before Reseal: %v, want ErrUnseal naming the old key's id", err)
 	}
 
 	if n, err := rotated.Reseal(ctx); err != nil || n != 3 {
@@ -172,8 +178,18 @@ func TestRotation(t *testing.T) {
 	if n, err := rotated.Reseal(ctx); err != nil || n != 0 {
 		t.Errorf("Reseal again = %d, %v; want 0", n, err)
 	}
-	// Other hosts see the rewrites once their watch brings them.
-	waitFor(t, "a host with only the new key to read everything after Reseal", func() bool { return readAll(newOnly) == nil })
+	newOnly := c.openWithKeys(t, prefix, curKey)
+	if err := readAll(newOnly); err != nil {
+		t.Errorf("a host with only the new key, after Reseal: %v", err)
+	}
+	if st, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: prefix, DataKey: oldKey}); !errors.Is(err, ErrUnseal) {
+		if err == nil {
+			st.Close()
+		}
+		t.Errorf("Open with only the old key, after Reseal: %v, want ErrUnseal (the key check is resealed too)", err)
+	}
+	// A host still running with only the old key fails on what it reads
+	// once its watch brings the rewrites.
 	waitFor(t, "a host with only the old key to fail with ErrUnseal naming the new key's id", func() bool {
 		_, err := before.GetAPIKey(ctx, "openai")
 		return errors.Is(err, ErrUnseal) && strings.Contains(err.Error(), DataKeyID(curKey))
@@ -195,8 +211,8 @@ func TestRotation(t *testing.T) {
 			t.Errorf("%s is not sealed with the new key in format 2", kv.Key)
 		}
 	}
-	if items != 3 || len(resp.Kvs) != 4 {
-		t.Errorf("etcd holds %d items and %d keys, want 3 items and a lock key", items, len(resp.Kvs))
+	if items != 4 || len(resp.Kvs) != 5 {
+		t.Errorf("etcd holds %d sealed values and %d keys, want 3 items, the data key check and a lock key", items, len(resp.Kvs))
 	}
 	// A resealed item copied to another name still fails: the name is
 	// bound as before.

@@ -169,8 +169,8 @@ func (s *sealer) openV2(name string, body []byte) ([]byte, bool, error) {
 		}
 	}
 	if !tried {
-		return nil, false, fmt.Errorf("%w: %s: sealed with data key %x, which this store does not have; "+
-			"if it is an old data key, add it to Options.OldDataKeys", ErrUnseal, name, id)
+		return nil, false, fmt.Errorf("%w: %s: sealed with data key %x, which this store does not have "+
+			"(if it is an old data key: Options.OldDataKeys, old_data_keys in credproxy's providers file)", ErrUnseal, name, id)
 	}
 	return nil, false, fmt.Errorf("%w: %s", ErrUnseal, name)
 }

@@ -3,6 +3,7 @@ package etcdstore
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -31,8 +32,8 @@ func TestEtcdHoldsNoPlaintext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(resp.Kvs) != 3 {
-		t.Fatalf("etcd holds %d keys, want 3", len(resp.Kvs))
+	if len(resp.Kvs) != 4 {
+		t.Fatalf("etcd holds %d keys, want 3 items and the data key check", len(resp.Kvs))
 	}
 	secrets := []string{fakeAccess, fakeRefresh, fakeAPIKey, "access_token", "refresh_token", "acct-42", "Bearer", "Zoë"}
 	for _, kv := range resp.Kvs {
@@ -125,7 +126,11 @@ func TestCopiedItemFailsToOpen(t *testing.T) {
 	}
 }
 
-// A store opened with another data key cannot read the items, and says so.
+// A store opened with another data key fails at Open, naming its key's
+// id and the one the store was sealed with, and never the keys: it cannot
+// read the items, and must not write items the fleet cannot open. So does
+// one opened on a store whose data key check is gone, when none of the
+// items opens with its key.
 func TestWrongDataKey(t *testing.T) {
 	c := newCluster(t)
 	st := c.openStore(t, "/shared/")
@@ -133,13 +138,31 @@ func TestWrongDataKey(t *testing.T) {
 	if err := st.SaveAPIKey(ctx, "k", fakeAPIKey); err != nil {
 		t.Fatal(err)
 	}
-	wrong, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: "/shared/", DataKey: bytes.Repeat([]byte{7}, DataKeySize)})
-	if err != nil {
+	wrongKey := bytes.Repeat([]byte{7}, DataKeySize)
+	open := func() error {
+		wrong, err := Open(ctx, Options{Endpoints: c.endpoints, Prefix: "/shared/", DataKey: wrongKey})
+		if err == nil {
+			wrong.Close()
+		}
+		return err
+	}
+	err := open()
+	if !errors.Is(err, ErrUnseal) || !strings.Contains(err.Error(), DataKeyID(wrongKey)) || !strings.Contains(err.Error(), DataKeyID(c.key)) {
+		t.Errorf("Open with the wrong data key = %v, want ErrUnseal naming both key ids", err)
+	}
+	if err != nil && (strings.Contains(err.Error(), fmt.Sprintf("%x", wrongKey)) || strings.Contains(err.Error(), fmt.Sprintf("%x", c.key))) {
+		t.Errorf("Open's error holds a data key: %v", err)
+	}
+	if _, err := c.rawClient(t).Delete(ctx, st.keyCheckKey()); err != nil {
 		t.Fatal(err)
 	}
-	defer wrong.Close()
-	if _, err := wrong.GetAPIKey(ctx, "k"); !errors.Is(err, ErrUnseal) {
-		t.Errorf("GetAPIKey with the wrong data key = %v, want ErrUnseal", err)
+	if err := open(); !errors.Is(err, ErrUnseal) {
+		t.Errorf("Open with the wrong data key of a store without its check = %v, want ErrUnseal", err)
+	}
+	// The right key recreates the check.
+	c.openStore(t, "/shared/")
+	if err := open(); !errors.Is(err, ErrUnseal) {
+		t.Errorf("Open with the wrong data key once the check is back = %v, want ErrUnseal", err)
 	}
 }
 
