@@ -92,7 +92,7 @@ func registerEtcdFlags(fs *flag.FlagSet, cfg *etcdConfig) {
 		return nil
 	})
 	fs.StringVar(&cfg.Prefix, "etcd-prefix", "", "with -store etcd, the key `prefix` the fleet's items live under (default /credproxy/)")
-	fs.StringVar(&cfg.CAFile, "etcd-ca", "", "with -store etcd, the CA certificate `file` that signed the cluster's")
+	fs.StringVar(&cfg.CAFile, "etcd-ca", "", "with -store etcd, the `file` of the CA certificate that signed the cluster members' certificates")
 	fs.StringVar(&cfg.CertFile, "etcd-cert", "", "with -store etcd, this host's client certificate `file`")
 	fs.StringVar(&cfg.KeyFile, "etcd-key", "", "with -store etcd, this host's client key `file`")
 	fs.StringVar(&cfg.Username, "etcd-user", "", "with -store etcd, the etcd user `name` (password: $"+etcdPasswordEnv+" or -etcd-password-file)")
@@ -184,6 +184,8 @@ func (cfg etcdConfig) options(ctx context.Context, std stdio) (etcdstore.Options
 		}
 	} else if cfg.PasswordFile != "" {
 		return opts, errors.New("a password file without a user name: give -etcd-user or etcd.username")
+	} else if os.Getenv(etcdPasswordEnv) != "" {
+		fmt.Fprintf(std.err, "credproxy: warning: %s is set but no etcd user is given (-etcd-user or etcd.username), so it is not used\n", etcdPasswordEnv)
 	}
 	if opts.TLS, err = cfg.tlsConfig(); err != nil {
 		return opts, err

@@ -79,7 +79,7 @@ browser; revocation_url (RFC 7009) for 'logout'. auth_style is "header"
 secret and "params" without. Every URL is https, or http on a loopback
 address.
 
-` + injectHelp + "\n" + etcdHelp
+` + injectHelp + "\n\n" + etcdHelp
 
 // providersPath is the providers file the commands read: flag if set, else
 // CREDPROXY_PROVIDERS, else providers.json in the config directory. named

@@ -45,7 +45,7 @@ func (p *proxyFlags) register(fs *flag.FlagSet) {
 		p.allowUIDs = append(p.allowUIDs, uid)
 		return nil
 	})
-	fs.StringVar(&p.store, "store", defaultStore(), "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND), etcd (a fleet's, see 'credproxy providers -help'), or memory (default: $"+storeEnv+", else keyring)")
+	fs.StringVar(&p.store, "store", defaultStore(), "credential `store`: keyring (the host's, see CREDPROXY_KEYRING_BACKEND), etcd (a fleet's, see 'credproxy providers -help'), or memory; $"+storeEnv+" sets the default")
 	registerEtcdFlags(fs, &p.etcd)
 	fs.StringVar(&p.importFile, "import", "", "with -store memory, load tokens and keys from this JSON `file`: {\"tokens\":{PROVIDER:{BUCKET:TOKEN}},\"keys\":{NAME:KEY}}")
 	fs.StringVar(&p.sessionDir, "session-dir", "", "the session's own `directory`, which will hold its socket and nothing else: mount it into the sandbox, read-only; it must not exist, or be empty with mode 0700 (default: a new directory in the per-user directory in the temp dir)")

@@ -22,7 +22,7 @@ reseal wins, and reseal leaves that item to it. Running it again reseals
 nothing more. It prints how many items it sealed again, and no secret.
 `
 
-const resealExample = `  openssl rand -hex 32 > /etc/credproxy/data-key.new && chmod 600 /etc/credproxy/data-key.new
+const resealExample = `  (umask 077; openssl rand -hex 32 > /etc/credproxy/data-key.new)   # readable by its owner only, from the start
   # on every host: "data_key": "file:/etc/credproxy/data-key.new",
   #                "old_data_keys": ["file:/etc/credproxy/data-key"]; restart serve
   CREDPROXY_STORE=etcd credproxy reseal
