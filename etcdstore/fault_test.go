@@ -104,9 +104,9 @@ func TestFaultNoQuorum(t *testing.T) {
 	// Nothing written before the outage was lost, and the refused writes
 	// did not appear.
 	raw := c.rawClient(t)
-	resp, err := raw.Get(ctx, "/fleet/", clientv3.WithPrefix())
-	if err != nil || len(resp.Kvs) != 2 {
-		t.Fatalf("items after recovery = %v, %v; want the token and the key", resp, err)
+	resp, err := raw.Get(ctx, "/fleet/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil || len(resp.Kvs) != 3 {
+		t.Fatalf("keys after recovery = %v, %v; want the token, the key and the data key check", resp.Kvs, err)
 	}
 }
 
